@@ -1,0 +1,54 @@
+"""DDIM (Song et al., 2021) on the SD v1 noise schedule. Pure: no model, device or progress.
+
+Symbols: alpha_t is the cumulative product bar-alpha_t (alphas_cumprod[t]); x_t the noisy
+latent; eps the predicted noise; x0 the predicted clean latent.
+"""
+from typing import Callable, Iterable
+
+import torch
+
+TRAIN_STEPS = 1000      # SD v1 was trained with 1000 noise levels
+BETA_START, BETA_END = 0.00085, 0.012   # linear_start / linear_end of v1-inference.yaml
+STEPS_OFFSET = 1        # SD v1 samplers shift the "leading" timesteps by one (steps_offset=1)
+
+
+def alphas_cumprod() -> torch.Tensor:
+    """bar-alpha_t for t = 0..999: scaled-linear betas, computed in float64 as LDM does."""
+    betas = torch.linspace(BETA_START ** 0.5, BETA_END ** 0.5, TRAIN_STEPS, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0).float()
+
+
+def timesteps(steps: int) -> list[int]:
+    """The "leading" DDIM timesteps, noisiest first: 981, 961, ..., 1 for 50 steps."""
+    stride = TRAIN_STEPS // steps
+    return [i * stride + STEPS_OFFSET for i in reversed(range(steps))]
+
+
+def schedule(steps: int) -> list[tuple[int, float, float]]:
+    """(t, alpha_t, alpha_prev) per step. alpha_prev past the end is bar-alpha_0
+    (set_alpha_to_one=False), not 1."""
+    alphas, stride = alphas_cumprod(), TRAIN_STEPS // steps
+    return [(t, alphas[t].item(), alphas[t - stride].item() if t >= stride else alphas[0].item())
+            for t in timesteps(steps)]
+
+
+def ddim_step(x_t, eps, alpha_t: float, alpha_prev: float, eta: float = 0.0, noise=None):
+    """One DDIM update x_t -> x_{t-1} (eq. 12 of the DDIM paper); returns (x_prev, x0)."""
+    x0 = (x_t - (1 - alpha_t) ** 0.5 * eps) / alpha_t ** 0.5
+    sigma = eta * ((1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)) ** 0.5
+    x_prev = alpha_prev ** 0.5 * x0 + (1 - alpha_prev - sigma ** 2) ** 0.5 * eps
+    if sigma > 0:
+        x_prev = x_prev + sigma * noise
+    return x_prev, x0
+
+
+def sample(denoise: Callable, x: torch.Tensor, steps: Iterable[tuple[int, float, float]],
+           after_step: Callable | None = None, eta: float = 0.0, generator=None) -> torch.Tensor:
+    """Run DDIM from x_T. `denoise(x, t, i)` returns eps (guidance and edits live there);
+    `after_step(i, x)` may change x after each step (local blending does)."""
+    for i, (t, alpha_t, alpha_prev) in enumerate(steps):
+        noise = torch.randn(x.shape, generator=generator).to(x) if eta > 0 else None
+        x, _ = ddim_step(x, denoise(x, t, i), alpha_t, alpha_prev, eta, noise)
+        if after_step is not None:
+            x = after_step(i, x)
+    return x

@@ -1,0 +1,61 @@
+"""Text-to-image sampling with classifier-free guidance; the edit rides inside `denoise`.
+
+Letters: b batch (prompts), h w latent size (image size / 8), m = 77 tokens.
+"""
+import torch
+
+from models import InputError, ddim
+from models.checkpoint import StableDiffusion
+
+from .progress import Progress
+
+
+def initial_noise(seed: int, height: int, width: int) -> torch.Tensor:
+    """x_T [1, 4, h, w], float32 from a CPU generator: the same on every device, shared by all prompts."""
+    return torch.randn((1, 4, height // 8, width // 8), generator=torch.Generator("cpu").manual_seed(seed))
+
+
+def guidance_batch(uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    """The one place that fixes the CFG batch order: [unconditional rows..., conditional rows...]."""
+    return torch.cat([uncond, cond])
+
+
+def check_size(height: int, width: int, steps: int):
+    if height % 8 or width % 8 or height < 8 or width < 8:
+        raise InputError(f"height and width must be positive multiples of 8 (got {height}x{width})")
+    if not 1 <= steps <= ddim.TRAIN_STEPS:
+        raise InputError(f"steps must be between 1 and {ddim.TRAIN_STEPS} (got {steps})")
+
+
+@torch.no_grad()
+def generate(sd: StableDiffusion, prompts: list[str], seed: int = 0, steps: int = 50, guidance: float = 7.5,
+             height: int = 512, width: int = 512, negative: str = "", edit=None, x_T=None,
+             progress: bool = True) -> torch.Tensor:
+    """Sample latents for each prompt from one shared x_T; returns float32 [b, 4, h, w].
+
+    | prompts  | the batch; with an edit, [source, target, ...]                |
+    | negative | the unconditional prompt of classifier-free guidance ("" in SD) |
+    | edit     | an attention edit (see p2p/edits.py), or None for plain sampling |
+    | x_T      | start latents [1, 4, h, w]; default `initial_noise(seed, ...)`   |
+    """
+    check_size(height, width, steps)
+    b = len(prompts)
+    context = guidance_batch(sd.text.encode([negative] * b), sd.text.encode(prompts))   # [2b, m, width]
+    x = (initial_noise(seed, height, width) if x_T is None else x_T.float()).expand(b, -1, -1, -1)
+    x = x.to(sd.device)
+
+    def denoise(x, t, i):
+        if edit is not None:
+            edit.step = i
+        eps = sd.unet(torch.cat([x, x]).to(sd.dtype), t, context, edit=edit).float()
+        eps_uncond, eps_cond = eps.chunk(2)
+        return eps_uncond + guidance * (eps_cond - eps_uncond)
+
+    after = getattr(edit, "after_step", None)
+    return ddim.sample(denoise, x, Progress(ddim.schedule(steps), desc="sampling", enabled=progress), after)
+
+
+@torch.no_grad()
+def decode(sd: StableDiffusion, latents: torch.Tensor) -> torch.Tensor:
+    """Latents -> images in [-1, 1], one at a time to keep the VAE's memory flat."""
+    return torch.cat([sd.vae.decode(z[None].to(sd.device, sd.dtype)).float().clamp(-1, 1) for z in latents])

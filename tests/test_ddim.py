@@ -1,0 +1,53 @@
+"""The DDIM schedule and step on hand-computed values and on what a real LDM checkpoint stores."""
+import pytest
+import torch
+from safetensors import safe_open
+
+from models import ddim
+
+
+def test_schedule_equals_the_alphas_cumprod_buffer_of_an_ldm_checkpoint(tiny_file):
+    with safe_open(str(tiny_file), "pt") as f:   # make_tiny writes LatentDiffusion's buffers
+        stored = f.get_tensor("alphas_cumprod")
+    assert torch.equal(ddim.alphas_cumprod(), stored)
+
+
+def test_schedule_values():
+    a = ddim.alphas_cumprod().double()
+    assert a[0].item() == pytest.approx(1 - 0.00085, abs=1e-7)          # beta_0 = 0.00085
+    beta_1 = ((0.00085 ** 0.5) + (0.012 ** 0.5 - 0.00085 ** 0.5) / 999) ** 2
+    assert a[1].item() == pytest.approx((1 - 0.00085) * (1 - beta_1), abs=1e-7)
+    assert a[-1].item() == pytest.approx(0.0046600, abs=1e-6)
+
+
+def test_leading_timesteps_with_offset():
+    assert ddim.timesteps(50)[:3] == [981, 961, 941] and ddim.timesteps(50)[-1] == 1
+    assert ddim.timesteps(10) == [901, 801, 701, 601, 501, 401, 301, 201, 101, 1]
+    assert ddim.timesteps(3) == [667, 334, 1]
+
+
+def test_alpha_prev_ends_at_alpha_0_not_one():
+    a = ddim.alphas_cumprod()
+    steps = ddim.schedule(10)
+    assert steps[0] == (901, a[901].item(), a[801].item())
+    assert steps[-1] == (1, a[1].item(), a[0].item())    # set_alpha_to_one=False
+
+
+def test_ddim_step_by_hand():
+    x, eps = torch.tensor([1.0]), torch.tensor([0.5])
+    a_t, a_prev = 0.25, 0.64
+    x0 = (1.0 - 0.75 ** 0.5 * 0.5) / 0.5
+    x_prev, pred = ddim.ddim_step(x, eps, a_t, a_prev)
+    assert pred.item() == pytest.approx(x0)
+    assert x_prev.item() == pytest.approx(0.8 * x0 + 0.6 * 0.5)
+
+
+def test_sample_calls_denoise_and_hook_in_order():
+    calls = []
+    def denoise(x, t, i):
+        calls.append((t, i))
+        return torch.zeros_like(x)
+    x = ddim.sample(denoise, torch.ones(1), ddim.schedule(2), after_step=lambda i, x: x * 1.0)
+    assert calls == [(501, 0), (1, 1)]
+    a = ddim.alphas_cumprod()
+    assert x.item() == pytest.approx((a[0] / a[501]).sqrt().item(), rel=1e-6)   # eps = 0: x scales by sqrt ratio
