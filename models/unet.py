@@ -5,7 +5,7 @@ Level i of the UNet runs at latent size / 2**i; down_blocks.i is level i, up_blo
 level (levels - 1 - i).
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -226,6 +226,13 @@ class UNet(nn.Module):
         self.up_blocks = nn.ModuleList(UpBlock(i, cfg) for i in range(levels))
         self.conv_norm_out = nn.GroupNorm(cfg.groups, ch[0])
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+
+    def sites(self, h: int, w: int) -> list[Site]:
+        """Every attention layer with the feature-map size it sees for latents of size h x w."""
+        sizes = [(h, w)]
+        for _ in self.cfg.channels[1:]:
+            sizes.append(((sizes[-1][0] + 1) // 2, (sizes[-1][1] + 1) // 2))   # stride-2 conv, padding 1
+        return [replace(m.site, res=sizes[m.site.level]) for m in self.modules() if isinstance(m, Attention)]
 
     def forward(self, x, t, context, edit=None):
         """x [b, 4, h, w], t scalar or [b], context [b, 77, context_dim] -> eps [b, 4, h, w]."""

@@ -1,0 +1,136 @@
+"""Our networks, schedule and sampler against goldens from an independent implementation.
+
+tests/golden/tiny.safetensors was written once by scripts/make_golden.py (diffusers and
+transformers on the tiny checkpoint of scripts/make_tiny.py; see its docstring). The reference
+library is not imported here. Tolerances: one network call within 1e-4 * max(1, max|golden|);
+the 10-step end-to-end latents within 1e-3 absolute; the schedule within 2e-6.
+"""
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from models import ddim
+from models.checkpoint import load
+from p2p.sampler import generate, guidance_batch, initial_noise
+
+from conftest import GOLDEN
+
+FILE = GOLDEN / "tiny.safetensors"
+COMPONENTS = {"unet": "unet/diffusion_pytorch_model.safetensors",
+              "vae": "vae/diffusion_pytorch_model.safetensors",
+              "text_encoder": "text_encoder/model.safetensors"}
+REGENERATE = "regenerate the goldens with: pip install diffusers==0.42.1 && python scripts/make_golden.py"
+
+
+def fingerprint(folder) -> torch.Tensor:
+    """[components, 3] float64: tensor count, sum and sum of |w| per component (as make_golden.py)."""
+    rows = []
+    for file in COMPONENTS.values():
+        sd = load_file(str(folder / file))
+        rows.append([float(len(sd)), sum(sd[k].double().sum().item() for k in sorted(sd)),
+                     sum(sd[k].double().abs().sum().item() for k in sorted(sd))])
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def golden(tiny_folder):
+    """The golden tensors, only once the tiny weights are known to be the ones they were made from."""
+    with safe_open(str(FILE), "pt") as f:
+        g = {k: f.get_tensor(k) for k in f.keys()}
+        g["meta"] = {k: json.loads(v) if v[:1] in "[{" else v for k, v in f.metadata().items()}
+    drifted = [name for name, ours, ref in zip(COMPONENTS, fingerprint(tiny_folder), g["fingerprint"])
+               if not torch.allclose(ours, ref, rtol=1e-9, atol=0)]
+    if drifted:
+        pytest.fail(f"scripts/make_tiny.py no longer writes the weights the goldens were made from "
+                    f"({', '.join(drifted)} changed): the networks were not compared; {REGENERATE}", pytrace=False)
+    return g
+
+
+def assert_close(ours: torch.Tensor, ref: torch.Tensor, what: str, atol: float | None = None):
+    """Max abs error within 1e-4 * max(1, max|ref|), or within `atol` when given."""
+    assert ours.shape == ref.shape, f"{what}: shape {tuple(ours.shape)}, golden {tuple(ref.shape)}"
+    err = (ours.double() - ref.double()).abs().max().item()
+    tol = atol if atol is not None else 1e-4 * max(1.0, ref.abs().max().item())
+    assert err <= tol, f"{what}: max abs error {err:.3g} > {tol:.3g} (golden max |x| {ref.abs().max().item():.3g})"
+
+
+def test_tiny_weights_are_those_the_goldens_were_made_from(golden, tiny_folder):
+    assert torch.allclose(fingerprint(tiny_folder), golden["fingerprint"], rtol=1e-9, atol=0), REGENERATE
+
+
+def test_text_encoder(golden, tiny):
+    prompts = golden["meta"]["prompts"]
+    assert torch.equal(tiny.text.tokenize(prompts), golden["text.ids"])
+    assert_close(tiny.text.encode(prompts), golden["text.hidden"], "text hidden states")
+
+
+@torch.no_grad()
+def test_unet(golden, tiny):
+    context = golden["text.hidden"][golden["unet.context_rows"]]
+    for t in golden["meta"]["unet_timesteps"]:
+        assert_close(tiny.unet(golden["unet.x"], t, context), golden[f"unet.eps.{t}"], f"UNet eps at t={t}")
+
+
+@torch.no_grad()
+def test_vae_decoder(golden, tiny):
+    assert_close(tiny.vae.decode(golden["vae.z"]), golden["vae.decoded"], "VAE decoder")
+
+
+@torch.no_grad()
+def test_vae_encoder(golden, tiny):
+    mean, logvar = tiny.vae.posterior(golden["vae.image_u8"].float() / 127.5 - 1)
+    assert_close(mean, golden["vae.mean"], "VAE posterior mean")
+    assert_close(logvar, golden["vae.logvar"], "VAE posterior log-variance")
+
+
+def test_schedule(golden):
+    # ours is the LDM buffer (cumprod in float64, see test_ddim.py); the reference takes the
+    # cumprod in float32, which drifts by ~5e-7 over 1000 factors
+    atol = 2e-6
+    assert_close(ddim.alphas_cumprod(), golden["ddim.alphas_cumprod"], "alphas_cumprod", atol)
+    for steps in (5, 50):
+        t, alpha_t, alpha_prev = zip(*ddim.schedule(steps))
+        assert list(t) == golden[f"ddim.{steps}.timesteps"].tolist()
+        assert_close(torch.tensor(alpha_t), golden[f"ddim.{steps}.alpha_t"], f"alpha_t, {steps} steps", atol)
+        assert_close(torch.tensor(alpha_prev), golden[f"ddim.{steps}.alpha_prev"], f"alpha_prev, {steps} steps", atol)
+
+
+@torch.no_grad()
+def test_ddim_trajectory_step_by_step(golden, tiny):
+    case, guidance = golden["meta"]["trajectory"], float(golden["meta"]["guidance"])
+    context = guidance_batch(tiny.text.encode([""]), tiny.text.encode([case["prompt"]]))
+
+    def denoise(x, t, i):
+        eps_uncond, eps_cond = tiny.unet(torch.cat([x, x]), t, context).chunk(2)
+        return eps_uncond + guidance * (eps_cond - eps_uncond)
+
+    trajectory = []
+    ddim.sample(denoise, golden["x_T.0"], ddim.schedule(case["steps"]),
+                after_step=lambda i, x: trajectory.append(x) or x)
+    for i, (ours, ref) in enumerate(zip(trajectory, golden["trajectory"], strict=True)):
+        assert_close(ours, ref, f"latents after DDIM step {i}")
+
+
+def test_initial_noise_is_the_goldens_x_T(golden):
+    size = int(golden["meta"]["size"])
+    assert torch.equal(initial_noise(0, size, size), golden["x_T.0"])
+    assert torch.equal(initial_noise(3, size, size), golden["x_T.3"])
+
+
+@pytest.mark.parametrize("key", ["e2e", "e2e_negative"])
+def test_generate_end_to_end(golden, tiny, key):
+    case, size = golden["meta"][key], int(golden["meta"]["size"])
+    latents = generate(tiny, case["prompts"], seed=case["seed"], steps=case["steps"],
+                       guidance=float(golden["meta"]["guidance"]), height=size, width=size,
+                       negative=case.get("negative", ""), progress=False)
+    assert_close(latents, golden[key], f"{key} latents after {case['steps']} steps", atol=1e-3)
+
+
+def test_folder_and_single_file_generate_identical_latents(golden, tiny, tiny_folder):
+    case, size = golden["meta"]["e2e"], int(golden["meta"]["size"])
+    run = lambda sd: generate(sd, case["prompts"], seed=case["seed"], steps=case["steps"], height=size,
+                              width=size, progress=False)
+    assert torch.equal(run(load(tiny_folder)), run(tiny))
