@@ -10,7 +10,7 @@ import torch
 from models import InputError
 from models.text import check_prompts, load_tokenizer
 
-from . import output, sampler
+from . import edits, output, sampler, viz
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULT_REPO = "CompVis/stable-diffusion-v1-4"   # the checkpoint of the paper's SD figures
@@ -80,6 +80,128 @@ def cmd_generate(args):
     print(f"wrote {args.out}", file=sys.stderr)
 
 
+def window(text: str):
+    """"0.8" -> 0.8 (the first 80% of steps); "0.2:0.6" -> (0.2, 0.6)."""
+    try:
+        parts = [float(x) for x in text.split(":")]
+    except ValueError:
+        raise InputError(f"not a step window: {text!r} (use F or START:END, fractions of the steps)") from None
+    if len(parts) > 2 or not all(0 <= x <= 1 for x in parts):
+        raise InputError(f"not a step window: {text!r} (use F or START:END, fractions in [0, 1])")
+    return parts[0] if len(parts) == 1 else tuple(parts)
+
+
+def pairs(items: list[str], what: str, value) -> dict:
+    """["cat=0.4", ...] -> {"cat": value("0.4"), ...}."""
+    out = {}
+    for item in items:
+        word, sep, v = item.rpartition("=")
+        if not sep or not word:
+            raise InputError(f"{what} takes WORD=VALUE, got {item!r}")
+        try:
+            out[word] = value(v)
+        except ValueError:
+            raise InputError(f"{what}: not a number in {item!r}") from None
+    return out
+
+
+def build_edit(args, tokenizer):
+    """The PromptToPrompt edit the flags describe; every word is checked here, before any sampling."""
+    prompts = [args.source, *args.target]
+    scales = pairs(args.reweight, "--reweight", float)
+    if args.mode == "replace":
+        cross = edits.Replace(tokenizer, prompts)
+    elif args.mode == "refine":
+        cross = edits.Refine(tokenizer, prompts)
+    else:
+        if not scales:
+            raise InputError("--mode reweight needs at least one --reweight WORD=SCALE")
+        cross = None
+    if scales:
+        cross = edits.Reweight(tokenizer, prompts, scales, prev=cross)
+    cross_steps = {"default": window(args.cross_steps), **pairs(args.word_steps, "--word-steps", window)}
+    blend = None
+    if args.blend:
+        words = [[w for w in group.split(",") if w] for group in args.blend]
+        blend = edits.LocalBlend(tokenizer, prompts, words, args.blend_threshold, args.blend_res)
+    return edits.PromptToPrompt(tokenizer, prompts, args.steps, cross, cross_steps, window(args.self_steps),
+                                args.self_max_tokens, blend,
+                                edits.AttentionStore() if args.maps_out else None)
+
+
+def cmd_edit(args, sd=None):
+    """`p2p edit`; `sd` is an already loaded model (scripts/reproduce_paper.py runs many edits)."""
+    prompts = [args.source, *args.target]
+    sampler.check_size(args.height, args.width, args.steps)
+    tokenizer = load_tokenizer()
+    check_prompts(tokenizer, prompts)
+    edit = build_edit(args, tokenizer)
+    check_outputs(args.out, args.latents_out, args.maps_out)
+    sd = sd or load_model(args)
+    if edit.blend is not None:
+        check_resolution(sd, args, args.blend_res, "--blend-res")
+    if args.maps_out is not None:
+        check_resolution(sd, args, 16, "--maps-out reads resolution")
+    latents = sampler.generate(sd, prompts, args.seed, args.steps, args.guidance, args.height, args.width,
+                               edit=edit)
+    images = output.to_pil(sampler.decode(sd, latents))
+    metadata = {"source": args.source, "targets": json.dumps(args.target), "mode": args.mode,
+                "cross_steps": args.cross_steps, "word_steps": json.dumps(args.word_steps),
+                "self_steps": args.self_steps, "self_max_tokens": str(args.self_max_tokens),
+                "blend": json.dumps(args.blend), "blend_threshold": str(args.blend_threshold),
+                "blend_res": str(args.blend_res), "reweight": json.dumps(args.reweight), "seed": str(args.seed),
+                "steps": str(args.steps), "guidance": str(args.guidance), "size": f"{args.width}x{args.height}",
+                "checkpoint": sd.name, "software": "p2p edit"}
+    if args.latents_out is not None:
+        output.save_tensors(args.latents_out, {"latents": latents}, metadata)
+    if args.maps_out is not None:
+        output.save_png(args.maps_out, viz.token_maps_grid(images, prompts, edit.store, tokenizer), metadata)
+    output.save_png(args.out, output.labelled_row(images, prompts), metadata)
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+def steps_range(text: str, steps: int) -> tuple[int, int]:
+    """"a:b" -> (a, b), the half-open range of step indices; "" -> every step."""
+    if not text:
+        return 0, steps
+    try:
+        a, b = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise InputError(f"--steps-range takes START:END step indices, got {text!r}") from None
+    if not 0 <= a < b <= steps:
+        raise InputError(f"--steps-range {text}: need 0 <= START < END <= {steps}")
+    return a, b
+
+
+def check_resolution(sd, args, res: int, what: str):
+    """Fail before sampling when no down/up cross-attention runs at `res` for this image size."""
+    have = sorted({edits.side(s) for s in sd.unet.sites(args.height // 8, args.width // 8)
+                   if s.is_cross and s.place != "mid"}, reverse=True)
+    if res not in have:
+        raise InputError(f"{what} {res}: at {args.width}x{args.height} this model has down/up "
+                         f"cross-attention at resolutions {have} only")
+
+
+def cmd_maps(args):
+    sampler.check_size(args.height, args.width, args.steps)
+    tokenizer = load_tokenizer()
+    check_prompts(tokenizer, [args.prompt])
+    window = steps_range(args.steps_range, args.steps)
+    check_outputs(args.out)
+    sd = load_model(args)
+    check_resolution(sd, args, args.res, "--res")
+    store = edits.AttentionStore(edits.Sites(places=("down", "up"), resolutions=(args.res,), self=False,
+                                             steps=window))
+    latents = sampler.generate(sd, [args.prompt], args.seed, args.steps, args.guidance, args.height, args.width,
+                               edit=store)
+    images = output.to_pil(sampler.decode(sd, latents))
+    metadata = {"prompt": args.prompt, "res": str(args.res), "steps_range": f"{window[0]}:{window[1]}",
+                "seed": str(args.seed), "steps": str(args.steps), "guidance": str(args.guidance),
+                "size": f"{args.width}x{args.height}", "checkpoint": sd.name, "software": "p2p maps"}
+    output.save_png(args.out, viz.token_maps_grid(images, [args.prompt], store, tokenizer, args.res), metadata)
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
 def cmd_download(args):
     from .download import download
     print(download(args.repo, args.dir, fp16=args.fp16, revision=args.revision))
@@ -97,6 +219,42 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="PNG: the images side by side, labelled")
     p.add_argument("--latents-out", type=Path, help="safetensors: final latents [n_prompts, 4, H/8, W/8]")
     p.set_defaults(run=cmd_generate)
+
+    p = commands.add_parser("edit", help="Prompt-to-Prompt: edit a source prompt's image into target prompts")
+    add_model_args(p)
+    p.add_argument("--source", required=True, help="the source prompt")
+    p.add_argument("--target", action="append", required=True, help="a target prompt; repeat for several")
+    p.add_argument("--mode", choices=["replace", "refine", "reweight"], required=True,
+                   help="replace: swap words (same word count); refine: add words; reweight: scale words")
+    p.add_argument("--cross-steps", default="0.8", help="fraction (or START:END) of steps with cross-attention "
+                   "replacement (default 0.8)")
+    p.add_argument("--word-steps", nargs="+", action="extend", default=[], metavar="WORD=F",
+                   help="a cross-attention window for one word of the targets (F or START:END)")
+    p.add_argument("--self-steps", default="0.4", help="fraction (or START:END) of steps with self-attention "
+                   "injection (default 0.4)")
+    p.add_argument("--self-max-tokens", type=int, default=256, help="inject self-attention only in layers "
+                   "with at most this many keys (default 256 = 16x16)")
+    p.add_argument("--blend", nargs="+", action="extend", default=[], metavar="WORDS",
+                   help="local blend: one comma-separated word list per prompt, source first")
+    p.add_argument("--blend-threshold", type=float, default=0.3, help="local blend mask threshold (default 0.3)")
+    p.add_argument("--blend-res", type=int, default=16, help="resolution of the cross-attention maps local "
+                   "blend reads (default 16, the paper's choice at 512 px)")
+    p.add_argument("--reweight", nargs="+", action="extend", default=[], metavar="WORD=SCALE",
+                   help="scale a target word's attention (negative allowed); stacks on replace/refine")
+    add_sampling_args(p)
+    p.add_argument("--out", type=Path, required=True, help="PNG: source and targets side by side, labelled")
+    p.add_argument("--latents-out", type=Path, help="safetensors: final latents [1 + n_targets, 4, H/8, W/8]")
+    p.add_argument("--maps-out", type=Path, help="PNG: per-token cross-attention maps of every prompt")
+    p.set_defaults(run=cmd_edit)
+
+    p = commands.add_parser("maps", help="per-token cross-attention maps over the generated image")
+    add_model_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--res", type=int, default=16, help="resolution of the maps averaged (default 16)")
+    p.add_argument("--steps-range", default="", metavar="A:B", help="average over steps A..B-1 (default all)")
+    add_sampling_args(p)
+    p.add_argument("--out", type=Path, required=True, help="PNG: the image, then one map per token")
+    p.set_defaults(run=cmd_maps)
 
     p = commands.add_parser("download", help="fetch a diffusers-layout SD v1 repository (safetensors only)")
     p.add_argument("--repo", default=DEFAULT_REPO, help=f"repository id (default {DEFAULT_REPO})")

@@ -1,0 +1,268 @@
+"""Prompt-to-Prompt edits: attention callbacks for the UNet's `edit` seam (models/attention.py).
+
+Batch = [source, target 1, ..., target k] (b = 1 + k prompts). The UNet runs the
+classifier-free-guidance batch [unconditional b rows, conditional b rows]; only the
+conditional half is edited unless asked. Letters: heads, n query pixels, m = 77 tokens.
+
+A cross edit (Replace, Refine, Reweight) says what the targets' cross-attention should be,
+E [k, heads, n, m], from the source's maps. `PromptToPrompt` owns the step windows, the
+self-attention injection, the site filter, an optional AttentionStore and LocalBlend, and
+mixes target <- alpha * E + (1 - alpha) * target inside the window, per token column.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from models import InputError
+from models.attention import Site
+
+from . import align
+
+MAX_TOKENS = 77
+
+
+# ---- which layers and steps an edit touches -------------------------------------------
+
+def side(site: Site) -> int:
+    """A site's resolution as one number: the short side of its feature map (16 for 16x16)."""
+    return min(site.res)
+
+
+@dataclass(frozen=True)
+class Sites:
+    """Filter for ablations: None means any. `steps` is a half-open range [start, end)."""
+    places: tuple[str, ...] | None = None     # "down", "mid", "up"
+    levels: tuple[int, ...] | None = None     # resolution level: latent size / 2**level
+    resolutions: tuple[int, ...] | None = None  # short side of the feature map, e.g. (16,)
+    cross: bool = True
+    self: bool = True
+    steps: tuple[int, int] | None = None
+
+    def __call__(self, site: Site, step: int) -> bool:
+        return ((self.cross if site.is_cross else self.self)
+                and (self.places is None or site.place in self.places)
+                and (self.levels is None or site.level in self.levels)
+                and (self.resolutions is None or side(site) in self.resolutions)
+                and (self.steps is None or self.steps[0] <= step < self.steps[1]))
+
+
+ALL = Sites()
+
+
+# ---- cross-attention edits: E from the source's maps ------------------------------------
+
+class Replace:
+    """Word swap: E = source maps through the 77x77 token mapper of each target."""
+
+    def __init__(self, tokenizer, prompts: list[str]):
+        self.mappers = torch.stack([align.replace_mapper(tokenizer, prompts[0], p) for p in prompts[1:]])
+
+    def __call__(self, src, tgt):   # src [heads, n, m], tgt [k, heads, n, m] -> [k, heads, n, m]
+        return torch.einsum("hni,kij->khnj", src, self.mappers.to(src))
+
+
+class Refine:
+    """Added words: E = source columns gathered along the token alignment; new tokens keep their own."""
+
+    def __init__(self, tokenizer, prompts: list[str]):
+        maps = [align.refine_mapper(tokenizer, prompts[0], p) for p in prompts[1:]]
+        self.index = torch.stack([m for m, _ in maps])           # [k, m]: source token per target token
+        self.aligned = torch.stack([a for _, a in maps])         # [k, m]: 1 where a partner exists
+
+    def __call__(self, src, tgt):
+        gathered = torch.stack([src[..., i] for i in self.index.to(src.device)])   # [k, heads, n, m]
+        a = self.aligned.to(src)[:, None, None, :]
+        return gathered * a + tgt * (1 - a)
+
+
+class Reweight:
+    """Scale chosen words' columns of E_prev (a Replace/Refine below it, else the source's maps)."""
+
+    def __init__(self, tokenizer, prompts: list[str], scales: dict[str, float], prev=None):
+        self.scale = torch.ones(len(prompts) - 1, MAX_TOKENS)
+        for word, c in scales.items():
+            targets = [k for k, p in enumerate(prompts[1:]) if word in p.split(" ")]
+            if not targets:
+                raise InputError(f"re-weighted word {word!r} is in no target prompt")
+            for k in targets:
+                self.scale[k, align.token_indices(tokenizer, prompts[1 + k], word)] = c
+        self.prev = prev
+
+    def __call__(self, src, tgt):
+        e = self.prev(src, tgt) if self.prev is not None else src.expand_as(tgt)
+        return e * self.scale.to(src)[:, None, None, :]
+
+
+# ---- the step windows -------------------------------------------------------------------
+
+def cross_alphas(tokenizer, prompts: list[str], steps: int, windows) -> torch.Tensor:
+    """alpha [steps, k, m]: 1 where target k's token column is edited at step i.
+
+    `windows` is a fraction (edit the first part), a (start, end) pair, or a dict of those
+    with a "default" entry and per-word entries. Like the official code, the table has
+    steps + 1 rows, so a window (s, e) covers int(s*(steps+1)) <= i < int(e*(steps+1)).
+    """
+    if not isinstance(windows, dict):
+        windows = {"default": windows}
+    windows = {"default": (0.0, 1.0), **windows}
+    alpha = torch.zeros(steps + 1, len(prompts) - 1, MAX_TOKENS)
+
+    def fill(bounds, k, columns):
+        start, end = (0.0, bounds) if isinstance(bounds, (int, float)) else bounds
+        alpha[:, k, columns] = 0
+        alpha[int(start * (steps + 1)):int(end * (steps + 1)), k, columns] = 1
+
+    for k in range(len(prompts) - 1):
+        fill(windows["default"], k, slice(None))
+    for word, bounds in windows.items():
+        if word == "default":
+            continue
+        found = [(k, align.token_indices(tokenizer, p, word)) for k, p in enumerate(prompts[1:]) if word in p.split(" ")]
+        if not found:
+            raise InputError(f"word {word!r} of a step window is in no target prompt")
+        for k, columns in found:
+            fill(bounds, k, columns)
+    return alpha[:steps]
+
+
+def self_window(steps: int, window) -> tuple[int, int]:
+    """Steps whose self-attention the targets take from the source: [int(s*N), int(e*N))."""
+    start, end = (0.0, window) if isinstance(window, (int, float)) else window
+    return int(start * steps), int(end * steps)
+
+
+# ---- stored maps ------------------------------------------------------------------------
+
+class AttentionStore:
+    """Sums of the conditional half's attention maps (averaged over heads) per site, over steps.
+
+    Used inside PromptToPrompt, or alone as the UNet's edit (it then changes nothing)."""
+
+    def __init__(self, sites: Sites = Sites(self=False)):
+        self.sites, self.sums, self.site_of, self.steps = sites, {}, {}, set()
+        self.step = 0   # set by the sampler when this is the edit itself
+
+    def wants(self, site: Site) -> bool:
+        return self.sites(site, self.step)
+
+    def __call__(self, probs: torch.Tensor, site: Site) -> torch.Tensor:
+        self.add(probs[probs.shape[0] // 2:], site, self.step)   # the conditional half
+        return probs
+
+    def add(self, probs: torch.Tensor, site: Site, step: int):   # probs [b, heads, n, m]
+        maps = probs.float().mean(dim=1)
+        self.sums[site.name] = self.sums[site.name] + maps if site.name in self.sums else maps
+        self.site_of[site.name] = site
+        self.steps.add(step)
+
+    def average(self, name: str) -> torch.Tensor:
+        """Maps of one site averaged over the steps stored: [b, n, m]."""
+        return self.sums[name] / len(self.steps)
+
+
+class LocalBlend:
+    """Keep the targets equal to the source outside the edited words' attention (after each step)."""
+
+    def __init__(self, tokenizer, prompts: list[str], words: list[list[str]], threshold: float = 0.3,
+                 res: int = 16, subtract: list[list[str]] | None = None, start: int = 0):
+        if len(words) != len(prompts):
+            raise InputError(f"local blend needs one word list per prompt ({len(prompts)}), got {len(words)}")
+        self.select = self.columns(tokenizer, prompts, words)
+        self.subtract = self.columns(tokenizer, prompts, subtract) if subtract else None
+        self.threshold, self.res, self.start = threshold, res, start
+
+    @staticmethod
+    def columns(tokenizer, prompts, words) -> torch.Tensor:
+        chosen = torch.zeros(len(prompts), MAX_TOKENS)
+        for b, (prompt, ws) in enumerate(zip(prompts, words)):
+            for w in ws:
+                chosen[b, align.token_indices(tokenizer, prompt, w)] = 1
+        return chosen
+
+    def wants(self, site: Site) -> bool:
+        """The paper reads cross-attention at 16x16 (at 512 px) in the down and up blocks."""
+        return site.is_cross and site.place != "mid" and side(site) == self.res
+
+    def mask(self, maps: torch.Tensor, columns: torch.Tensor, size, pool: bool) -> torch.Tensor:
+        # maps [layers, b, h, w, m] summed over steps -> boolean mask [b, 1, H, W] at latent size
+        m = (maps.mean(0) * columns.to(maps)[:, None, None, :]).sum(-1)[:, None]
+        if pool:
+            m = F.max_pool2d(m, 3, stride=1, padding=1)
+        m = F.interpolate(m, size=size)
+        mask = m / m.amax(dim=(2, 3), keepdim=True) > self.threshold
+        return mask[:1] | mask                                    # union with the source's mask
+
+    def __call__(self, x: torch.Tensor, store: AttentionStore, step: int) -> torch.Tensor:
+        if step < self.start:
+            return x
+        maps = torch.stack([rearrange(s, "b (h w) m -> b h w m", h=store.site_of[name].res[0])
+                            for name, s in store.sums.items() if self.wants(store.site_of[name])])
+        mask = self.mask(maps, self.select, x.shape[2:], pool=True)
+        if self.subtract is not None:
+            mask = mask & ~self.mask(maps, self.subtract, x.shape[2:], pool=False)
+        return x[:1] + mask.to(x) * (x - x[:1])
+
+
+# ---- the edit handed to the UNet --------------------------------------------------------
+
+class PromptToPrompt:
+    """The callback: edits the targets' attention from the source's, inside the windows.
+
+    | prompts         | [source, target 1, ..., target k]                                  |
+    | cross           | Replace / Refine / Reweight, or None to leave cross-attention alone |
+    | cross_steps     | fraction, (start, end) or {"default": .., word: ..} (see cross_alphas) |
+    | self_steps      | fraction or (start, end) of steps with self-attention injection     |
+    | self_max_tokens | inject only where the self-attention has at most this many keys     |
+    | blend, store    | optional LocalBlend and AttentionStore                              |
+    | sites           | Sites filter restricting where the edit acts (ablations)            |
+    | edit_uncond     | also edit the unconditional half (off in the paper)                  |
+    """
+
+    def __init__(self, tokenizer, prompts: list[str], steps: int, cross=None, cross_steps=0.8,
+                 self_steps=0.4, self_max_tokens: int = 256, blend: LocalBlend | None = None,
+                 store: AttentionStore | None = None, sites: Sites = ALL, edit_uncond: bool = False):
+        self.b, self.cross, self.sites, self.edit_uncond = len(prompts), cross, sites, edit_uncond
+        self.alphas = cross_alphas(tokenizer, prompts, steps, cross_steps)
+        self.self_steps, self.self_max_tokens = self_window(steps, self_steps), self_max_tokens
+        self.blend = blend
+        self.store = store if store is not None or blend is None else AttentionStore(Sites(self=False))
+        self.step = 0   # set by the sampler before each UNet call
+
+    def edits(self, site: Site) -> bool:
+        if not self.sites(site, self.step):
+            return False
+        if site.is_cross:
+            return self.cross is not None and bool(self.alphas[self.step].any())
+        n = site.res[0] * site.res[1]
+        return self.self_steps[0] <= self.step < self.self_steps[1] and n <= self.self_max_tokens
+
+    def stores(self, site: Site) -> bool:
+        return self.store is not None and (self.store.sites(site, self.step)
+                                           or (self.blend is not None and self.blend.wants(site)))
+
+    def wants(self, site: Site) -> bool:
+        return self.edits(site) or self.stores(site)
+
+    def edit_half(self, probs, site):   # probs [b, heads, n, m] for [source, targets...]
+        src, tgt = probs[0], probs[1:]
+        if site.is_cross:
+            a = self.alphas[self.step].to(probs)[:, None, None, :]
+            new = self.cross(src, tgt) * a + tgt * (1 - a)
+        else:
+            new = src.expand_as(tgt)
+        return torch.cat([src[None], new.to(probs.dtype)])
+
+    def __call__(self, probs: torch.Tensor, site: Site) -> torch.Tensor:
+        uncond, cond = probs[:self.b], probs[self.b:]
+        if self.edits(site):
+            cond = self.edit_half(cond, site)
+            if self.edit_uncond:
+                uncond = self.edit_half(uncond, site)
+        if self.stores(site):
+            self.store.add(cond, site, self.step)   # the edited maps, as the official store holds
+        return torch.cat([uncond, cond])
+
+    def after_step(self, step: int, x: torch.Tensor) -> torch.Tensor:
+        return x if self.blend is None else self.blend(x, self.store, step)

@@ -1,0 +1,52 @@
+"""Attention maps a person can look at: one heatmap per token, over the generated image."""
+import numpy as np
+import torch
+from einops import rearrange
+from PIL import Image
+
+from models import InputError
+
+from . import output
+from .edits import AttentionStore, side
+
+CELL = 160   # pixels per token tile
+
+
+def token_maps(store: AttentionStore, res: int, places=("down", "up")) -> torch.Tensor:
+    """Cross-attention maps at one resolution, averaged over steps, layers and heads: [b, h, w, 77]."""
+    names = [n for n, s in store.site_of.items() if s.is_cross and side(s) == res and s.place in places]
+    if not names:
+        have = sorted({side(s) for s in store.site_of.values() if s.is_cross}, reverse=True)
+        raise InputError(f"no cross-attention maps stored at resolution {res} (stored: {have})")
+    h = store.site_of[names[0]].res[0]
+    return torch.stack([rearrange(store.average(n), "b (h w) m -> b h w m", h=h) for n in names]).mean(0)
+
+
+def heat(image: Image.Image, attention: np.ndarray) -> Image.Image:
+    """A [h, w] map scaled to 0..1 and laid over the image as a red-yellow heat overlay."""
+    a = attention - attention.min()
+    a = a / a.max() if a.max() > 0 else a
+    a = np.asarray(Image.fromarray((a * 255).astype(np.uint8)).resize((CELL, CELL), Image.BILINEAR)) / 255.0
+    base = np.asarray(image.convert("RGB").resize((CELL, CELL), Image.BILINEAR)) / 255.0
+    hot = np.stack([np.clip(2 * a, 0, 1), np.clip(2 * a - 1, 0, 1), np.zeros_like(a)], axis=-1)
+    return Image.fromarray((255 * (0.45 * base + 0.55 * hot)).astype(np.uint8))
+
+
+def token_maps_grid(images: list[Image.Image], prompts: list[str], store: AttentionStore, tokenizer,
+                    res: int = 16) -> Image.Image:
+    """One row per prompt: the image, then each of its tokens' maps labelled with the token."""
+    maps = token_maps(store, res).cpu().numpy()
+    rows = []
+    for b, (image, prompt) in enumerate(zip(images, prompts)):
+        tiles, labels = [image.resize((CELL, CELL), Image.BILINEAR)], [prompt]
+        ids = tokenizer(prompt).input_ids
+        for i in range(1, len(ids) - 1):   # the prompt's tokens, without start and end
+            tiles.append(heat(image, maps[b, :, :, i]))
+            labels.append(tokenizer.decode([ids[i]]))
+        rows.append(output.labelled_row(tiles, labels))
+    grid = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)), "white")
+    y = 0
+    for r in rows:
+        grid.paste(r, (0, y))
+        y += r.height
+    return grid

@@ -1,0 +1,124 @@
+"""Speed and memory of editing against plain sampling, on one model in one process.
+
+    python scripts/bench.py --weights CKPT [--size 512] [--steps 3] [--naive-attention]
+
+Runs, on the same two-prompt batch and the same model:
+  plain  generation of [source, target] with no edit (every attention fused);
+  edit   a Prompt-to-Prompt replace with self-attention injection (the paper's defaults);
+  naive  (with --naive-attention) the same edit, but every attention layer materialises its
+         probabilities and passes them through the callback: the cost profile of the
+         official implementation, which patches every attention layer.
+It prints seconds per step, the ratios edit/plain and naive/edit, and the peak memory of
+each run above the loaded model (CUDA: max allocated; CPU: the resident set, polled). The
+weights do not change the cost, so a random full-size checkpoint from
+`scripts/make_tiny.py OUT --full` measures what a real SD v1.5 would.
+"""
+import argparse
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from models.checkpoint import load  # noqa: E402
+from p2p import edits, sampler  # noqa: E402
+
+PROMPTS = ["a cat riding a bicycle", "a dog riding a bicycle"]
+
+
+class Naive:
+    """Wants every site, so every layer materialises its probabilities; edits where `inner` would."""
+
+    def __init__(self, inner: edits.PromptToPrompt):
+        self.inner = inner
+
+    def wants(self, site):
+        return True
+
+    def __call__(self, probs, site):
+        return self.inner(probs, site) if self.inner.wants(site) else probs
+
+    def __setattr__(self, name, value):   # the sampler sets .step: forward it to the real edit
+        if name == "step":
+            self.inner.step = value
+        else:
+            object.__setattr__(self, name, value)
+
+    def after_step(self, i, x):
+        return self.inner.after_step(i, x)
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+class PeakRSS(threading.Thread):
+    """Polls the resident set while a run goes on: the CPU has no per-run peak counter."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.base, self.peak, self.done = rss_mb(), 0.0, threading.Event()
+
+    def run(self):
+        while not self.done.wait(0.005):
+            self.peak = max(self.peak, rss_mb() - self.base)
+
+
+def run(sd, args, make_edit):
+    """Seconds per step and extra peak memory of one sampling run (after one warm-up step)."""
+    sampler.generate(sd, PROMPTS, steps=1, height=args.size, width=args.size, edit=make_edit(1), progress=False)
+    cuda = sd.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        poll = PeakRSS()
+        poll.start()
+    start = time.perf_counter()
+    sampler.generate(sd, PROMPTS, steps=args.steps, height=args.size, width=args.size,
+                     edit=make_edit(args.steps), progress=False)
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / args.steps
+    if cuda:
+        return seconds, (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    poll.done.set()
+    poll.join()
+    return seconds, poll.peak
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--weights", required=True, type=Path)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--naive-attention", action="store_true", help="also run the naive (official-cost) mode")
+    args = ap.parse_args()
+    sd = load(args.weights, args.device, getattr(torch, args.dtype))
+    tok = sd.text.tokenizer
+
+    def p2p(steps):
+        return edits.PromptToPrompt(tok, PROMPTS, steps, edits.Replace(tok, PROMPTS))
+
+    runs = [("plain", lambda s: None), ("edit", p2p)]
+    runs += [("naive", lambda s: Naive(p2p(s)))] if args.naive_attention else []
+    results = {name: run(sd, args, make) for name, make in runs}
+    print(f"{sd.name}, {args.size}x{args.size}, batch of {len(PROMPTS)} prompts, {args.steps} steps, "
+          f"{args.device} {args.dtype}")
+    print("| run | s/step | peak memory (MiB) |\n| --- | --- | --- |")
+    for name, (s, mb) in results.items():
+        print(f"| {name} | {s:.2f} | {mb:.0f} |")
+    print(f"edit / plain = {results['edit'][0] / results['plain'][0]:.3f}")
+    if "naive" in results:
+        print(f"naive / edit = {results['naive'][0] / results['edit'][0]:.3f}")
+
+
+if __name__ == "__main__":
+    main()

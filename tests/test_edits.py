@@ -1,0 +1,194 @@
+"""The edit maths on small hand-made tensors, with the real tokenizer for token positions."""
+import pytest
+import torch
+
+from models import InputError
+from models.attention import Site
+from models.text import load_tokenizer
+from p2p import edits, sampler
+
+TOK = load_tokenizer()
+CAT, DOG = "a cat riding a bicycle", "a dog riding a bicycle"
+
+
+def site(cross=True, place="up", level=0, res=(4, 4), name="x"):
+    return Site(name, place, level, cross, heads=2, res=res)
+
+
+def probs(b=2, heads=2, n=16, m=77, seed=0):
+    """A CFG batch [uncond b rows, cond b rows] of row-stochastic maps."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(2 * b, heads, n, m, generator=g).softmax(-1)
+
+
+# ---- windows ------------------------------------------------------------------------------
+
+def test_cross_window_has_n_plus_one_rows_like_the_official_table():
+    a = edits.cross_alphas(TOK, [CAT, DOG], 50, 0.8)
+    assert a.shape == (50, 1, 77)
+    assert a[:40].eq(1).all() and a[40:].eq(0).all()          # int(0.8 * 51) = 40: steps 0..39
+    a = edits.cross_alphas(TOK, [CAT, DOG], 50, (0.2, 0.6))
+    assert a[:, 0, 0].nonzero().flatten().tolist() == list(range(10, 30))   # int(.2*51)=10, int(.6*51)=30
+
+
+def test_per_word_windows_change_only_that_words_columns():
+    a = edits.cross_alphas(TOK, [CAT, DOG, "a horse riding a bicycle"], 10, {"default": 0.8, "dog": (0.0, 0.4)})
+    # 11 rows: default covers steps 0..7 (int(.8*11)=8), "dog" (token 2 of target 0) steps 0..3 (int(.4*11)=4)
+    assert a[:, 0, 2].tolist() == [1, 1, 1, 1, 0, 0, 0, 0, 0, 0]
+    assert a[:, 0, 3].tolist() == [1] * 8 + [0, 0]
+    assert a[:, 1, 2].tolist() == [1] * 8 + [0, 0]              # "dog" is not in target 1
+    with pytest.raises(InputError, match="'zebra' of a step window is in no target"):
+        edits.cross_alphas(TOK, [CAT, DOG], 10, {"default": 0.8, "zebra": 0.3})
+
+
+def test_self_window():
+    assert edits.self_window(50, 0.4) == (0, 20)
+    assert edits.self_window(10, (0.2, 0.5)) == (2, 5)
+
+
+# ---- cross edits ----------------------------------------------------------------------------
+
+def test_replace_is_the_mapper_product():
+    prompts = ["a squirrel eating a burger", "a squirrel eating a lasagna"]
+    replace = edits.Replace(TOK, prompts)
+    src, tgt = probs(1)[1], probs(1, seed=1)[1:2]
+    e = replace(src, tgt)
+    m = replace.mappers[0]
+    for j in (0, 4, 5, 6, 7, 30):
+        assert torch.allclose(e[0, ..., j], (src * m[:, j]).sum(-1), atol=1e-6)
+
+
+def test_refine_gathers_aligned_columns_and_keeps_new_tokens():
+    prompts = ["a photo of a house on a mountain", "a photo of a house on a mountain at winter"]
+    refine = edits.Refine(TOK, prompts)
+    src, tgt = probs(1)[1], probs(1, seed=1)[1:2]
+    e = refine(src, tgt)
+    assert torch.equal(e[0, ..., 3], src[..., 3])                 # "of" -> "of"
+    assert torch.equal(e[0, ..., 9], tgt[0, ..., 9])              # "at" has no source partner
+    assert torch.equal(e[0, ..., 10], tgt[0, ..., 10])            # "winter" neither
+
+
+def test_reweight_scales_source_maps_or_the_edit_below():
+    prompts = [CAT, DOG]
+    src, tgt = probs(1)[1], probs(1, seed=1)[1:2]
+    alone = edits.Reweight(TOK, [CAT, CAT], {"cat": -0.5})
+    e = alone(src, tgt)
+    assert torch.equal(e[0, ..., 2], -0.5 * src[..., 2]) and torch.equal(e[0, ..., 3], src[..., 3])
+    stacked = edits.Reweight(TOK, prompts, {"dog": 3.0}, prev=edits.Replace(TOK, prompts))
+    e = stacked(src, tgt)
+    assert torch.allclose(e[0, ..., 2], 3.0 * src[..., 2]) and torch.equal(e[0, ..., 5], src[..., 5])
+    with pytest.raises(InputError, match="'cat' is in no target"):
+        edits.Reweight(TOK, prompts, {"cat": 2.0})
+
+
+# ---- the callback ------------------------------------------------------------------------
+
+def make_edit(**kw):
+    prompts = kw.pop("prompts", [CAT, DOG])
+    kw.setdefault("cross", edits.Reweight(TOK, prompts, {"dog": 2.0}))
+    return edits.PromptToPrompt(TOK, prompts, steps=10, **kw)
+
+
+def test_cross_edit_mixes_inside_the_window_and_leaves_the_unconditional_half():
+    edit, p = make_edit(), probs()
+    before = p.clone()
+    out = edit(p, site())
+    assert torch.equal(p, before)                                  # the caller's tensor is not touched
+    assert torch.equal(out[:3], p[:3])                             # uncond rows and the source row
+    expected = p[2].clone()
+    expected[..., 2] *= 2.0                                        # E = 2 * source on "dog", source elsewhere
+    assert torch.allclose(out[3], expected)                        # alpha = 1 at step 0
+    edit.step = 8                                                  # outside int(.8 * 11) = 8
+    assert not edit.wants(site())
+
+
+def test_self_injection_copies_the_source_only_at_small_maps_and_early_steps():
+    edit, p = make_edit(), probs(n=16, m=16)
+    assert edit.wants(site(cross=False, res=(4, 4)))
+    out = edit(p, site(cross=False))
+    assert torch.equal(out[3], p[2]) and torch.equal(out[:3], p[:3])
+    assert not edit.wants(site(cross=False, res=(32, 32)))          # 1024 keys > 256
+    edit.step = 4                                                   # self window is [0, int(.4 * 10)) = [0, 4)
+    assert not edit.wants(site(cross=False))
+
+
+def test_edit_uncond_option_edits_both_halves():
+    edit, p = make_edit(edit_uncond=True), probs(n=16, m=16)
+    out = edit(p, site(cross=False))
+    assert torch.equal(out[1], p[0]) and torch.equal(out[3], p[2])
+
+
+def test_site_filter_keeps_other_layers_fused():
+    edit = make_edit(sites=edits.Sites(places=("up",), resolutions=(4,)))
+    assert edit.wants(site(place="up", res=(4, 4)))
+    assert not edit.wants(site(place="down", res=(4, 4)))
+    assert not edit.wants(site(place="up", res=(8, 8)))
+    edit = make_edit(sites=edits.Sites(cross=False))
+    assert not edit.wants(site(cross=True)) and edit.wants(site(cross=False))
+    edit = make_edit(sites=edits.Sites(steps=(2, 5)))
+    assert not edit.wants(site())
+    edit.step = 2
+    assert edit.wants(site())
+
+
+def test_store_averages_the_edited_maps_over_steps():
+    store = edits.AttentionStore()
+    edit, p = make_edit(store=store), probs()
+    out0 = edit(p, site(name="a"))
+    edit.step = 9                                                  # outside the window: stored as is
+    edit(p, site(name="a"))
+    expected = (out0[2:].mean(1) + p[2:].mean(1)) / 2
+    assert torch.allclose(store.average("a"), expected)
+
+
+def test_local_blend_by_hand():
+    prompts = [CAT, DOG]
+    blend = edits.LocalBlend(TOK, prompts, [["cat"], ["dog"]], threshold=0.3, res=4)
+    store = edits.AttentionStore()
+    maps = torch.zeros(2, 16, 77)
+    maps[0, 0, 2] = 1.0                        # source "cat" attends pixel (0, 0)
+    maps[1, 15, 2] = 1.0                       # target "dog" attends pixel (3, 3)
+    maps[1, 5, 2] = 0.2                        # below 0.3 of the max: not in the mask
+    s = site(res=(4, 4), name="up.x")
+    store.add(maps[:, None].expand(2, 2, 16, 77), s, 0)
+    x = torch.stack([torch.zeros(4, 4, 4), torch.ones(4, 4, 4)])
+    out = blend(x, store, 0)
+    mask = torch.zeros(4, 4)
+    mask[:2, :2] = 1                            # 3x3 max-pool around (0, 0)
+    mask[2:, 2:] = 1                            # and around (3, 3): the union
+    assert torch.equal(out[0], x[0]) and torch.equal(out[1], mask.expand(4, 4, 4))
+    assert torch.equal(edits.LocalBlend(TOK, prompts, [["cat"], ["dog"]], res=4, start=1)(x, store, 0), x)
+
+
+def test_local_blend_checks_its_words():
+    with pytest.raises(InputError, match="one word list per prompt"):
+        edits.LocalBlend(TOK, [CAT, DOG], [["cat"]])
+    with pytest.raises(InputError, match="'dog' is not in the prompt"):
+        edits.LocalBlend(TOK, [CAT, DOG], [["dog"], ["dog"]])
+
+
+# ---- on the tiny model ------------------------------------------------------------------
+
+def test_identity_edit_reproduces_the_source(tiny):
+    prompts = [CAT, CAT]
+    edit = edits.PromptToPrompt(TOK, prompts, 4, edits.Replace(TOK, prompts))
+    z = sampler.generate(tiny, prompts, steps=4, height=64, width=64, edit=edit, progress=False)
+    plain = sampler.generate(tiny, [CAT], steps=4, height=64, width=64, progress=False)
+    assert torch.equal(z[0], z[1])
+    assert torch.allclose(z[0], plain[0], atol=1e-4 * plain.abs().max())
+
+
+def test_an_edit_limited_to_up_layers_leaves_down_and_mid_untouched(tiny):
+    prompts = [CAT, DOG]
+    seen = {}
+
+    class Spy(edits.PromptToPrompt):
+        def __call__(self, p, s):
+            out = super().__call__(p, s)
+            seen.setdefault(s.place, []).append(torch.equal(out, p))
+            return out
+
+    edit = Spy(TOK, prompts, 2, edits.Reweight(TOK, prompts, {"dog": 5.0}), store=edits.AttentionStore(),
+               sites=edits.Sites(places=("up",)))
+    sampler.generate(tiny, prompts, steps=2, height=64, width=64, edit=edit, progress=False)
+    assert all(seen["down"]) and all(seen["mid"]) and not all(seen["up"])
