@@ -1,0 +1,96 @@
+"""`p2p edit`, `p2p maps` and the paper script end to end on the tiny checkpoint, and bad input."""
+import json
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from p2p.cli import main
+
+from conftest import script
+
+FAST = ["--steps", "4", "--height", "128", "--width", "128"]
+CAT, DOG, HORSE = "a cat riding a bicycle", "a dog riding a bicycle", "a horse riding a bicycle"
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+def test_edit_writes_images_latents_maps_and_metadata(tiny_file, tmp_path, capsys):
+    out, lat, maps = tmp_path / "e.png", tmp_path / "e.safetensors", tmp_path / "m.png"
+    code, err = run(capsys, "edit", "--weights", tiny_file, "--source", CAT, "--target", DOG, "--target", HORSE,
+                    "--mode", "replace", "--blend", "cat", "dog", "horse", "--reweight", "dog=2",
+                    "--word-steps", "dog=0.2:0.6", *FAST, "--out", out, "--latents-out", lat, "--maps-out", maps)
+    assert code == 0, err
+    latents = load_file(lat)["latents"]
+    assert latents.shape == (3, 4, 16, 16) and latents.dtype == torch.float32
+    image = Image.open(out)
+    assert image.width >= 3 * 128
+    assert image.text["mode"] == "replace" and json.loads(image.text["targets"]) == [DOG, HORSE]
+    assert json.loads(image.text["blend"]) == ["cat", "dog", "horse"]
+    grid = Image.open(maps)
+    assert grid.height > 3 * 160 and grid.width > 5 * 160     # 3 prompts, image + 5 tokens each
+
+
+@pytest.mark.parametrize("mode, extra", [("replace", []), ("refine", []), ("reweight", ["--reweight", "cat=3"])])
+def test_each_mode_changes_the_target_but_never_the_source(mode, extra, tiny_file, tmp_path, capsys):
+    target = CAT if mode == "reweight" else ("a cat riding a red bicycle" if mode == "refine" else DOG)
+    code, err = run(capsys, "edit", "--weights", tiny_file, "--source", CAT, "--target", target, "--mode", mode,
+                    *extra, *FAST, "--out", tmp_path / "e.png", "--latents-out", tmp_path / "e.safetensors")
+    assert code == 0, err
+    code, err = run(capsys, "generate", "--weights", tiny_file, "--prompt", CAT, "--prompt", target, *FAST,
+                    "--out", tmp_path / "g.png", "--latents-out", tmp_path / "g.safetensors")
+    edited, plain = load_file(tmp_path / "e.safetensors")["latents"], load_file(tmp_path / "g.safetensors")["latents"]
+    assert torch.allclose(edited[0], plain[0], atol=1e-4 * plain.abs().max())   # the source is untouched
+    assert (edited[1] - plain[1]).abs().max() > 1e-2                             # the target is edited
+
+
+def test_maps_command(tiny_file, tmp_path, capsys):
+    out = tmp_path / "maps.png"
+    code, err = run(capsys, "maps", "--weights", tiny_file, "--prompt", CAT, "--steps-range", "1:3", *FAST,
+                    "--out", out)
+    assert code == 0, err
+    image = Image.open(out)
+    assert image.text["steps_range"] == "1:3" and image.width > 6 * 160
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--mode", "replace", "--target", "a big dog riding a bicycle"], "the source has 5 and the target 6"),
+    (["--mode", "replace", "--target", DOG, "--blend", "cat"], "one word list per prompt (2), got 1"),
+    (["--mode", "replace", "--target", DOG, "--blend", "cat", "cow"], "word 'cow' is not in the prompt"),
+    (["--mode", "replace", "--target", DOG, "--reweight", "cow=2"], "re-weighted word 'cow' is in no target"),
+    (["--mode", "replace", "--target", DOG, "--reweight", "dog"], "--reweight takes WORD=VALUE"),
+    (["--mode", "replace", "--target", DOG, "--word-steps", "cow=0.2"], "'cow' of a step window is in no target"),
+    (["--mode", "replace", "--target", DOG, "--cross-steps", "1.5"], "not a step window"),
+    (["--mode", "reweight", "--target", CAT], "--mode reweight needs at least one --reweight"),
+    (["--mode", "replace", "--target", DOG, "--blend", "cat", "dog", "--blend-res", "32"],
+     "--blend-res 32: at 128x128 this model has down/up cross-attention at resolutions [16, 8, 4] only"),
+])
+def test_bad_edit_input_is_one_line_before_sampling(argv, words, tiny_file, tmp_path, capsys):
+    out = tmp_path / "e.png"
+    code, err = run(capsys, "edit", "--weights", tiny_file, "--source", CAT, *argv, *FAST, "--out", out)
+    assert code == 2
+    assert words in err and "sampling" not in err, err
+    assert err.strip().splitlines()[-1].startswith("p2p edit: error:") and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_paper_script_smoke_test_on_the_tiny_model(tmp_path):
+    paper = script("reproduce_paper")
+    assert paper.main(["--tiny", "--only", "squirrel-lasagna", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "squirrel-lasagna.png").is_file() and (tmp_path / "squirrel-lasagna-maps.png").is_file()
+    assert "squirrel-lasagna.png" in (tmp_path / "index.html").read_text()
+
+
+def test_every_paper_example_is_a_valid_edit(tmp_path):
+    """Each manifest entry parses and builds its edit (all its words exist), without sampling."""
+    from models.text import load_tokenizer
+    from p2p import cli
+    paper, tok = script("reproduce_paper"), load_tokenizer()
+    for ex in json.loads(paper.MANIFEST.read_text()):
+        args = cli.parser().parse_args(paper.edit_argv(ex, tmp_path / "w.safetensors", tmp_path, []))
+        edit = cli.build_edit(args, tok)
+        assert edit.b == 1 + len(ex["targets"]) and (edit.blend is not None) == ("blend" in ex)
