@@ -30,23 +30,27 @@ def check_size(height: int, width: int, steps: int):
 @torch.no_grad()
 def generate(sd: StableDiffusion, prompts: list[str], seed: int = 0, steps: int = 50, guidance: float = 7.5,
              height: int = 512, width: int = 512, negative: str = "", edit=None, x_T=None,
-             progress: bool = True) -> torch.Tensor:
+             null_embeddings=None, progress: bool = True) -> torch.Tensor:
     """Sample latents for each prompt from one shared x_T; returns float32 [b, 4, h, w].
 
-    | prompts  | the batch; with an edit, [source, target, ...]                |
-    | negative | the unconditional prompt of classifier-free guidance ("" in SD) |
-    | edit     | an attention edit (see p2p/edits.py), or None for plain sampling |
-    | x_T      | start latents [1, 4, h, w]; default `initial_noise(seed, ...)`   |
+    | prompts         | the batch; with an edit, [source, target, ...]                    |
+    | negative        | the unconditional prompt of classifier-free guidance ("" in SD)   |
+    | edit            | an attention edit (see p2p/edits.py), or None for plain sampling  |
+    | x_T             | start latents [1, 4, h, w]; default `initial_noise(seed, ...)`    |
+    | null_embeddings | [steps, m, width]: per-step unconditional context (null-text inversion) |
     """
     check_size(height, width, steps)
     b = len(prompts)
-    context = guidance_batch(sd.text.encode([negative] * b), sd.text.encode(prompts))   # [2b, m, width]
+    cond = sd.text.encode(prompts)                                   # [b, m, width]
+    uncond = sd.text.encode([negative]) if null_embeddings is None else None
     x = (initial_noise(seed, height, width) if x_T is None else x_T.float()).expand(b, -1, -1, -1)
     x = x.to(sd.device)
 
     def denoise(x, t, i):
         if edit is not None:
             edit.step = i
+        null = uncond if null_embeddings is None else null_embeddings[i][None].to(sd.device, cond.dtype)
+        context = guidance_batch(null.expand(b, -1, -1), cond)      # [2b, m, width]
         eps = sd.unet(torch.cat([x, x]).to(sd.dtype), t, context, edit=edit).float()
         eps_uncond, eps_cond = eps.chunk(2)
         return eps_uncond + guidance * (eps_cond - eps_uncond)

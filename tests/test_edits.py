@@ -192,3 +192,20 @@ def test_an_edit_limited_to_up_layers_leaves_down_and_mid_untouched(tiny):
                sites=edits.Sites(places=("up",)))
     sampler.generate(tiny, prompts, steps=2, height=64, width=64, edit=edit, progress=False)
     assert all(seen["down"]) and all(seen["mid"]) and not all(seen["up"])
+
+
+def test_local_blend_subtract_words_cut_their_unpooled_mask_out():
+    prompts = [CAT, DOG]
+    blend = edits.LocalBlend(TOK, prompts, [["cat"], ["dog"]], threshold=0.3, res=4,
+                             subtract=[["bicycle"], ["bicycle"]])
+    store = edits.AttentionStore()
+    maps = torch.zeros(2, 16, 77)
+    maps[0, 0, 2] = maps[1, 15, 2] = 1.0       # cat at (0, 0), dog at (3, 3)
+    maps[0, 0, 5] = 1.0                        # the source's "bicycle" at (0, 0) only, not pooled
+    maps[1, 10, 5] = 1.0                       # the target's "bicycle" at (2, 2)
+    store.add(maps[:, None], site(res=(4, 4), name="down.x", place="down"), 0)
+    x = torch.stack([torch.zeros(4, 4, 4), torch.ones(4, 4, 4)])
+    mask = torch.zeros(4, 4)
+    mask[:2, :2] = mask[2:, 2:] = 1
+    mask[0, 0] = mask[2, 2] = 0                # both prompts' subtract masks are cut from the target's
+    assert torch.equal(blend(x, store, 0)[1], mask.expand(4, 4, 4))

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from models import ddim
 from models.checkpoint import load
+from p2p.cli import main
 from p2p.sampler import generate, guidance_batch, initial_noise
 
 from conftest import GOLDEN
@@ -129,8 +130,17 @@ def test_generate_end_to_end(golden, tiny, key):
     assert_close(latents, golden[key], f"{key} latents after {case['steps']} steps", atol=1e-3)
 
 
-def test_folder_and_single_file_generate_identical_latents(golden, tiny, tiny_folder):
+def test_p2p_generate_command_reproduces_the_reference_in_both_layouts(golden, tiny_file, tiny_folder, tmp_path):
+    """The acceptance run: `p2p generate`, 10 steps, 128x128, either layout, within 1e-3."""
     case, size = golden["meta"]["e2e"], int(golden["meta"]["size"])
-    run = lambda sd: generate(sd, case["prompts"], seed=case["seed"], steps=case["steps"], height=size,
-                              width=size, progress=False)
-    assert torch.equal(run(load(tiny_folder)), run(tiny))
+    latents = []
+    for name, weights in (("file", tiny_file), ("folder", tiny_folder)):
+        argv = ["generate", "--weights", str(weights), "--seed", str(case["seed"]), "--steps", str(case["steps"]),
+                "--guidance", golden["meta"]["guidance"], "--height", str(size), "--width", str(size),
+                "--out", str(tmp_path / f"{name}.png"), "--latents-out", str(tmp_path / f"{name}.safetensors")]
+        for prompt in case["prompts"]:
+            argv += ["--prompt", prompt]
+        assert main(argv) == 0
+        latents.append(load_file(str(tmp_path / f"{name}.safetensors"))["latents"])
+        assert_close(latents[-1], golden["e2e"], f"p2p generate ({name}) latents", atol=1e-3)
+    assert torch.equal(latents[0], latents[1])
