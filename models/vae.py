@@ -4,7 +4,6 @@ Letters: b batch, c channels, h w spatial. Named like the diffusers-layout check
 """
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn

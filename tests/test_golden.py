@@ -13,7 +13,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from models import ddim
-from models.checkpoint import load
 from p2p.cli import main
 from p2p.sampler import generate, guidance_batch, initial_noise
 
