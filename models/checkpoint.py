@@ -62,7 +62,14 @@ def read_safetensors(path: Path, device, dtype) -> dict[str, torch.Tensor]:
         raise InputError(PICKLE.format(path=path))
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: cast(f.get_tensor(k), device, dtype) for k in f.keys()}
+            keys = list(f.keys())
+        tensors = {}
+        # Reopen every 64 tensors: closing unmaps the file pages read so far, so converting
+        # (fp16 file -> fp32) peaks near the converted weights, not weights plus file.
+        for start in range(0, len(keys), 64):
+            with safe_open(str(path), framework="pt") as f:
+                tensors.update({k: cast(f.get_tensor(k), device, dtype) for k in keys[start:start + 64]})
+        return tensors
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
         raise InputError(f"{path}: not a readable .safetensors file ({str(e).splitlines()[0]})") from None
 

@@ -35,7 +35,8 @@ def schedule(steps: int) -> list[tuple[int, float, float]]:
 def ddim_step(x_t, eps, alpha_t: float, alpha_prev: float, eta: float = 0.0, noise=None):
     """One DDIM update x_t -> x_{t-1} (eq. 12 of the DDIM paper); returns (x_prev, x0)."""
     x0 = (x_t - (1 - alpha_t) ** 0.5 * eps) / alpha_t ** 0.5
-    sigma = eta * ((1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)) ** 0.5
+    # eta 0 skips the root: with the alphas swapped (DDIM inversion) its argument is negative
+    sigma = eta * ((1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)) ** 0.5 if eta > 0 else 0.0
     x_prev = alpha_prev ** 0.5 * x0 + (1 - alpha_prev - sigma ** 2) ** 0.5 * eps
     if sigma > 0:
         x_prev = x_prev + sigma * noise
