@@ -1,4 +1,5 @@
-"""The `p2p` command: generate, download. Bad input is one line on stderr and exit status 2."""
+"""The `p2p` command: generate, edit, invert, maps, download. Bad input is one line on stderr and
+exit status 2. Photos (`invert`, `edit --image`) are handled in cli_photo.py."""
 import argparse
 import json
 import sys
@@ -10,7 +11,7 @@ import torch
 from models import InputError
 from models.text import check_prompts, load_tokenizer
 
-from . import edits, output, sampler, viz
+from . import cli_photo, edits, inversion, output, sampler, viz
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULT_REPO = "CompVis/stable-diffusion-v1-4"   # the checkpoint of the paper's SD figures
@@ -36,6 +37,15 @@ def add_sampling_args(p: argparse.ArgumentParser):
     p.add_argument("--width", type=int, default=512, help="image width, a multiple of 8 (default 512)")
 
 
+def add_inversion_args(p: argparse.ArgumentParser):
+    p.add_argument("--method", choices=inversion.METHODS, default="null-text", help="inversion: null-text "
+                   "(optimised, slow), negative-prompt (no optimisation) or plain ddim (default null-text)")
+    p.add_argument("--inner-steps", type=int, default=10, help="null-text: Adam steps per DDIM step at most "
+                   "(default 10)")
+    p.add_argument("--offsets", default="0,0,0,0", metavar="L,R,T,B", help="pixels to crop off the photo's "
+                   "left, right, top and bottom before the centre square (default 0,0,0,0)")
+
+
 def device_of(name: str | None) -> str:
     if name is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -56,7 +66,7 @@ def load_model(args):
     from models.checkpoint import load   # imported here so `p2p --help` stays fast
     if args.weights is None:
         raise InputError("no --weights given: pass a .safetensors file or a diffusers folder, "
-                         f"or fetch the paper's model with `p2p download` (into weights/)")
+                         "or fetch the paper's model with `p2p download` (into weights/)")
     device, start = device_of(args.device), time.perf_counter()
     sd = load(args.weights, device, DTYPES[args.dtype])
     print(f"loaded {sd.name} ({args.dtype}, {device}) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
@@ -137,13 +147,20 @@ def cmd_edit(args, sd=None):
     check_prompts(tokenizer, prompts)
     edit = build_edit(args, tokenizer)
     check_outputs(args.out, args.latents_out, args.maps_out)
+    if args.inversion is not None and args.image is None:
+        raise InputError("--inversion needs the --image it was made from")
+    photo, inv = cli_photo.prepare(args) if args.image is not None else (None, None)
     sd = sd or load_model(args)
     if edit.blend is not None:
         check_resolution(sd, args, args.blend_res, "--blend-res")
     if args.maps_out is not None:
         check_resolution(sd, args, 16, "--maps-out reads resolution")
+    start = {}
+    if photo is not None:   # start from the photo's inversion, its null embeddings in every prompt's guidance
+        inv = cli_photo.photo_inversion(sd, args, photo, inv)
+        start = {"x_T": inv.x_T, "null_embeddings": inv.null_embeddings}
     latents = sampler.generate(sd, prompts, args.seed, args.steps, args.guidance, args.height, args.width,
-                               edit=edit)
+                               edit=edit, **start)
     images = output.to_pil(sampler.decode(sd, latents))
     metadata = {"source": args.source, "targets": json.dumps(args.target), "mode": args.mode,
                 "cross_steps": args.cross_steps, "word_steps": json.dumps(args.word_steps),
@@ -152,11 +169,16 @@ def cmd_edit(args, sd=None):
                 "blend_res": str(args.blend_res), "reweight": json.dumps(args.reweight), "seed": str(args.seed),
                 "steps": str(args.steps), "guidance": str(args.guidance), "size": f"{args.width}x{args.height}",
                 "checkpoint": sd.name, "software": "p2p edit"}
+    row, labels = images, prompts
+    if photo is not None:   # the photo first, then its reconstruction (the source row) and the edits
+        metadata |= {"image": str(args.image), "inversion_method": inv.settings["method"]}
+        row, labels = output.to_pil(photo) + images, ["photo", *prompts]
+        cli_photo.report_latents(inv, latents)
     if args.latents_out is not None:
         output.save_tensors(args.latents_out, {"latents": latents}, metadata)
     if args.maps_out is not None:
         output.save_png(args.maps_out, viz.token_maps_grid(images, prompts, edit.store, tokenizer), metadata)
-    output.save_png(args.out, output.labelled_row(images, prompts), metadata)
+    output.save_png(args.out, output.labelled_row(row, labels), metadata)
     print(f"wrote {args.out}", file=sys.stderr)
 
 
@@ -199,6 +221,19 @@ def cmd_maps(args):
                 "seed": str(args.seed), "steps": str(args.steps), "guidance": str(args.guidance),
                 "size": f"{args.width}x{args.height}", "checkpoint": sd.name, "software": "p2p maps"}
     output.save_png(args.out, viz.token_maps_grid(images, [args.prompt], store, tokenizer, args.res), metadata)
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+def cmd_invert(args):
+    sampler.check_size(args.size, args.size, args.steps)
+    cli_photo.check_settings(args.method, args.steps, args.inner_steps, args.size)
+    check_prompts(load_tokenizer(), [args.prompt])
+    check_outputs(args.out)
+    image = inversion.load_image(args.image, args.size, cli_photo.offsets(args.offsets))
+    sd = load_model(args)
+    inv = cli_photo.invert_photo(sd, args, image, args.prompt)
+    cli_photo.report(sd, inv, cli_photo.reconstruct(sd, inv))
+    inversion.save(args.out, inv)
     print(f"wrote {args.out}", file=sys.stderr)
 
 
@@ -245,7 +280,26 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="PNG: source and targets side by side, labelled")
     p.add_argument("--latents-out", type=Path, help="safetensors: final latents [1 + n_targets, 4, H/8, W/8]")
     p.add_argument("--maps-out", type=Path, help="PNG: per-token cross-attention maps of every prompt")
+    p.add_argument("--image", type=Path, help="edit this photo (--source describes it) instead of sampling from "
+                   "--seed; square, --height = --width")
+    p.add_argument("--inversion", type=Path, help="the photo's inversion from `p2p invert`, which fixes the "
+                   "method, inner steps and offsets (default: invert first, keeping the result as "
+                   "OUT_DIR/PHOTO.inversion.safetensors for the next edit)")
+    add_inversion_args(p)
     p.set_defaults(run=cmd_edit)
+
+    p = commands.add_parser("invert", help="invert a photo for editing: x_T and per-step null embeddings")
+    add_model_args(p)
+    p.add_argument("--image", type=Path, required=True, help="the photo: any image Pillow reads")
+    p.add_argument("--prompt", required=True, help="a caption of the photo; edit it later with --source PROMPT")
+    add_inversion_args(p)
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    p.add_argument("--guidance", type=float, default=7.5, help="the guidance the photo will be edited at "
+                   "(default 7.5)")
+    p.add_argument("--size", type=int, default=512, help="model image size: the photo is centre-cropped to a "
+                   "square and resized to it (default 512)")
+    p.add_argument("--out", type=Path, required=True, help="safetensors: x_T, z0, null_embeddings, settings")
+    p.set_defaults(run=cmd_invert)
 
     p = commands.add_parser("maps", help="per-token cross-attention maps over the generated image")
     add_model_args(p)
