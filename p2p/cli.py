@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from models import InputError
+from models.checkpoint import load
 from models.text import check_prompts, load_tokenizer
 
 from . import cli_photo, edits, inversion, output, sampler, viz
@@ -63,7 +64,6 @@ def check_outputs(*paths: Path | None):
 
 
 def load_model(args):
-    from models.checkpoint import load   # imported here so `p2p --help` stays fast
     if args.weights is None:
         raise InputError("no --weights given: pass a .safetensors file or a diffusers folder, "
                          "or fetch the paper's model with `p2p download` (into weights/)")
