@@ -212,15 +212,22 @@ def cmd_maps(args):
     check_outputs(args.out)
     sd = load_model(args)
     check_resolution(sd, args, args.res, "--res")
-    store = edits.AttentionStore(edits.Sites(places=("down", "up"), resolutions=(args.res,), self=False,
-                                             steps=window))
+    if args.components < 0:
+        raise InputError(f"--components must be 0 or more (got {args.components})")
+    store = edits.AttentionStore(edits.Sites(places=("down", "up"), resolutions=(args.res,),
+                                             self=args.components > 0, steps=window))
     latents = sampler.generate(sd, [args.prompt], args.seed, args.steps, args.guidance, args.height, args.width,
                                edit=store)
     images = output.to_pil(sampler.decode(sd, latents))
     metadata = {"prompt": args.prompt, "res": str(args.res), "steps_range": f"{window[0]}:{window[1]}",
                 "seed": str(args.seed), "steps": str(args.steps), "guidance": str(args.guidance),
                 "size": f"{args.width}x{args.height}", "checkpoint": sd.name, "software": "p2p maps"}
-    output.save_png(args.out, viz.token_maps_grid(images, [args.prompt], store, tokenizer, args.res), metadata)
+    grid = viz.token_maps_grid(images, [args.prompt], store, tokenizer, args.res)
+    if args.components:
+        parts = viz.self_components(store, args.res, args.components)
+        grid = viz.stack([grid, output.labelled_row(parts, [f"self-attention component {i + 1}"
+                                                            for i in range(len(parts))])])
+    output.save_png(args.out, grid, metadata)
     print(f"wrote {args.out}", file=sys.stderr)
 
 
@@ -308,6 +315,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps-range", default="", metavar="A:B", help="average over steps A..B-1 (default all)")
     add_sampling_args(p)
     p.add_argument("--out", type=Path, required=True, help="PNG: the image, then one map per token")
+    p.add_argument("--components", type=int, default=0, metavar="N",
+                   help="also draw the top N principal components of self-attention at --res")
     p.set_defaults(run=cmd_maps)
 
     p = commands.add_parser("download", help="fetch a diffusers-layout SD v1 repository (safetensors only)")

@@ -32,6 +32,33 @@ def heat(image: Image.Image, attention: np.ndarray) -> Image.Image:
     return Image.fromarray((255 * (0.45 * base + 0.55 * hot)).astype(np.uint8))
 
 
+def self_components(store: AttentionStore, res: int, count: int, b: int = 0) -> list[Image.Image]:
+    """Top principal components of prompt b's self-attention at one resolution (the official
+    notebook's view): rows of the pixel-by-pixel map, centred, through an SVD; grey images."""
+    names = [n for n, s in store.site_of.items() if not s.is_cross and side(s) == res]
+    if not names:
+        raise InputError(f"no self-attention maps stored at resolution {res}")
+    h, w = store.site_of[names[0]].res
+    maps = torch.stack([store.average(n)[b] for n in names]).mean(0).double()    # [n, n]
+    _, _, vh = torch.linalg.svd(maps - maps.mean(dim=1, keepdim=True))
+    images = []
+    for v in vh[:count]:
+        a = v.reshape(h, w).numpy()
+        a = (a - a.min()) / max(a.max() - a.min(), 1e-12)
+        images.append(Image.fromarray((255 * a).astype(np.uint8)).convert("RGB").resize((CELL, CELL)))
+    return images
+
+
+def stack(rows: list[Image.Image]) -> Image.Image:
+    """Rows of images one under the other, left-aligned on white."""
+    grid = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)), "white")
+    y = 0
+    for r in rows:
+        grid.paste(r, (0, y))
+        y += r.height
+    return grid
+
+
 def token_maps_grid(images: list[Image.Image], prompts: list[str], store: AttentionStore, tokenizer,
                     res: int = 16) -> Image.Image:
     """One row per prompt: the image, then each of its tokens' maps labelled with the token."""
@@ -44,9 +71,4 @@ def token_maps_grid(images: list[Image.Image], prompts: list[str], store: Attent
             tiles.append(heat(image, maps[b, :, :, i]))
             labels.append(tokenizer.decode([ids[i]]))
         rows.append(output.labelled_row(tiles, labels))
-    grid = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)), "white")
-    y = 0
-    for r in rows:
-        grid.paste(r, (0, y))
-        y += r.height
-    return grid
+    return stack(rows)

@@ -55,6 +55,10 @@ def test_maps_command(tiny_file, tmp_path, capsys):
     assert code == 0, err
     image = Image.open(out)
     assert image.text["steps_range"] == "1:3" and image.width > 6 * 160
+    code, err = run(capsys, "maps", "--weights", tiny_file, "--prompt", CAT, "--components", "3", *FAST,
+                    "--out", out)
+    assert code == 0, err
+    assert Image.open(out).height > 2 * 160     # a second row: the self-attention components
 
 
 @pytest.mark.parametrize("argv, words", [

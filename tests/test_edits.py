@@ -209,3 +209,19 @@ def test_local_blend_subtract_words_cut_their_unpooled_mask_out():
     mask[:2, :2] = mask[2:, 2:] = 1
     mask[0, 0] = mask[2, 2] = 0                # both prompts' subtract masks are cut from the target's
     assert torch.equal(blend(x, store, 0)[1], mask.expand(4, 4, 4))
+
+
+def test_self_attention_components_find_a_planted_pattern():
+    from p2p import viz
+    pattern = torch.zeros(4, 4)
+    pattern[:, :2] = 1.0                                   # left half vs right half
+    g = torch.Generator().manual_seed(0)
+    weights = torch.rand(16, 1, generator=g) + 0.5
+    maps = weights * pattern.flatten()[None] + 1e-4 * torch.rand(16, 16, generator=g)   # ~rank 1 after centring
+    store = edits.AttentionStore(edits.Sites())
+    store.add(maps[None, None], site(cross=False, res=(4, 4), name="up.self"), 0)
+    import numpy as np
+    first = torch.from_numpy(np.asarray(viz.self_components(store, 4, 1)[0].convert("L").resize((4, 4)),
+                                        dtype=np.float32))
+    c = torch.corrcoef(torch.stack([first.flatten(), pattern.flatten()]))[0, 1]
+    assert c.abs() > 0.99
