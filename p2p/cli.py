@@ -209,11 +209,11 @@ def cmd_maps(args):
     tokenizer = load_tokenizer()
     check_prompts(tokenizer, [args.prompt])
     window = steps_range(args.steps_range, args.steps)
+    if args.components < 0:
+        raise InputError(f"--components must be 0 or more (got {args.components})")
     check_outputs(args.out)
     sd = load_model(args)
     check_resolution(sd, args, args.res, "--res")
-    if args.components < 0:
-        raise InputError(f"--components must be 0 or more (got {args.components})")
     store = edits.AttentionStore(edits.Sites(places=("down", "up"), resolutions=(args.res,),
                                              self=args.components > 0, steps=window))
     latents = sampler.generate(sd, [args.prompt], args.seed, args.steps, args.guidance, args.height, args.width,

@@ -30,26 +30,15 @@ from p2p import edits, sampler  # noqa: E402
 PROMPTS = ["a cat riding a bicycle", "a dog riding a bicycle"]
 
 
-class Naive:
-    """Wants every site, so every layer materialises its probabilities; edits where `inner` would."""
-
-    def __init__(self, inner: edits.PromptToPrompt):
-        self.inner = inner
+class Naive(edits.PromptToPrompt):
+    """The same edit, but wanting every site: every layer materialises its probabilities and
+    passes them through the callback, which edits only where the real edit would."""
 
     def wants(self, site):
         return True
 
     def __call__(self, probs, site):
-        return self.inner(probs, site) if self.inner.wants(site) else probs
-
-    def __setattr__(self, name, value):   # the sampler sets .step: forward it to the real edit
-        if name == "step":
-            self.inner.step = value
-        else:
-            object.__setattr__(self, name, value)
-
-    def after_step(self, i, x):
-        return self.inner.after_step(i, x)
+        return super().__call__(probs, site) if super().wants(site) else probs
 
 
 def rss_mb() -> float:
@@ -105,13 +94,12 @@ def main():
     sd = load(args.weights, args.device, getattr(torch, args.dtype))
     tok = sd.text.tokenizer
 
-    def p2p(steps):
+    def p2p(steps, kind=edits.PromptToPrompt):
         # windows over every benchmarked step (the paper's 0.8 / 0.4 would leave a few steps unedited)
-        return edits.PromptToPrompt(tok, PROMPTS, steps, edits.Replace(tok, PROMPTS), cross_steps=1.0,
-                                    self_steps=1.0)
+        return kind(tok, PROMPTS, steps, edits.Replace(tok, PROMPTS), cross_steps=1.0, self_steps=1.0)
 
     runs = [("plain", lambda s: None), ("edit", p2p)]
-    runs += [("naive", lambda s: Naive(p2p(s)))] if args.naive_attention else []
+    runs += [("naive", lambda s: p2p(s, Naive))] if args.naive_attention else []
     sampler.generate(sd, PROMPTS, steps=1, height=args.size, width=args.size, progress=False)   # warm-up
     # the modes take turns, best of --repeats each, so drift of the machine's speed hits all alike
     trials = {name: [] for name, _ in runs}

@@ -51,9 +51,7 @@ E2E_NEGATIVE = dict(prompts=["a cat riding a bicycle"], negative="blurry", steps
 # SD v1's scheduler_config.json (v1.4 / v1.5 repositories), as P2P's official code builds it
 SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                  clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
-COMPONENTS = {"unet": "unet/diffusion_pytorch_model.safetensors",
-              "vae": "vae/diffusion_pytorch_model.safetensors",
-              "text_encoder": "text_encoder/model.safetensors"}
+COMPONENTS, fingerprint = make_tiny.COMPONENTS, make_tiny.fingerprint
 
 
 def fail(message: str):
@@ -67,16 +65,6 @@ def seeded(seed: int) -> torch.Generator:
 def x_T(seed: int) -> torch.Tensor:
     """The shared initial noise of P2P: randn((1, 4, h, w)) from a CPU generator."""
     return torch.randn((1, 4, SIZE // 8, SIZE // 8), generator=seeded(seed))
-
-
-def fingerprint(folder: Path) -> torch.Tensor:
-    """[components, 3] float64: tensor count, sum and sum of |w| of each component's file."""
-    rows = []
-    for file in COMPONENTS.values():
-        sd = load_file(str(folder / file))
-        rows.append([float(len(sd)), sum(sd[k].double().sum().item() for k in sorted(sd)),
-                     sum(sd[k].double().abs().sum().item() for k in sorted(sd))])
-    return torch.tensor(rows, dtype=torch.float64)
 
 
 def require_equal(ours: dict, ref: dict, what: str):

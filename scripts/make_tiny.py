@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -29,6 +29,22 @@ from models.vae import VAE, VAEConfig  # noqa: E402
 TINY_UNET = UNetConfig(channels=(32, 64, 64, 64), context_dim=128)
 TINY_VAE = VAEConfig(channels=(32, 32, 64, 64))
 TINY_TEXT = dict(width=128, layers=2, mlp=256)
+
+
+COMPONENTS = {"unet": "unet/diffusion_pytorch_model.safetensors",    # the folder layout's weight files
+              "vae": "vae/diffusion_pytorch_model.safetensors",
+              "text_encoder": "text_encoder/model.safetensors"}
+
+
+def fingerprint(folder: Path) -> torch.Tensor:
+    """[components, 3] float64: tensor count, sum and sum of |w| of each weight file of a folder;
+    the goldens record it so a test tells "make_tiny changed" from "the network is wrong"."""
+    rows = []
+    for file in COMPONENTS.values():
+        sd = load_file(str(folder / file))
+        rows.append([float(len(sd)), sum(sd[k].double().sum().item() for k in sorted(sd)),
+                     sum(sd[k].double().abs().sum().item() for k in sorted(sd))])
+    return torch.tensor(rows, dtype=torch.float64)
 
 
 def random_weights(shapes: dict[str, torch.Size], seed: int, dtype=torch.float32) -> dict[str, torch.Tensor]:
@@ -171,9 +187,8 @@ def write_folder(folder: Path, unet_sd, vae_sd, text_sd, unet_cfg: UNetConfig, v
     (folder / "unet" / "config.json").write_text(json.dumps(unet_json, indent=2))
     (folder / "vae" / "config.json").write_text(json.dumps(vae_json, indent=2))
     tcfg.to_json_file(str(folder / "text_encoder" / "config.json"))
-    save_file(unet_sd, str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
-    save_file(vae_sd, str(folder / "vae" / "diffusion_pytorch_model.safetensors"))
-    save_file(text_sd, str(folder / "text_encoder" / "model.safetensors"))
+    for name, sd in (("unet", unet_sd), ("vae", vae_sd), ("text_encoder", text_sd)):
+        save_file(sd, str(folder / COMPONENTS[name]))
     for name in ("vocab.json", "merges.txt"):
         shutil.copy(TOKENIZER_DIR / name, folder / "tokenizer" / name)
 

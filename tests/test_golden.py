@@ -16,23 +16,12 @@ from models import ddim
 from p2p.cli import main
 from p2p.sampler import generate, guidance_batch, initial_noise
 
-from conftest import GOLDEN
+from conftest import GOLDEN, script
 
 FILE = GOLDEN / "tiny.safetensors"
-COMPONENTS = {"unet": "unet/diffusion_pytorch_model.safetensors",
-              "vae": "vae/diffusion_pytorch_model.safetensors",
-              "text_encoder": "text_encoder/model.safetensors"}
+make_tiny = script("make_tiny")
+fingerprint, COMPONENTS = make_tiny.fingerprint, make_tiny.COMPONENTS
 REGENERATE = "regenerate the goldens with: pip install diffusers==0.42.1 && python scripts/make_golden.py"
-
-
-def fingerprint(folder) -> torch.Tensor:
-    """[components, 3] float64: tensor count, sum and sum of |w| per component (as make_golden.py)."""
-    rows = []
-    for file in COMPONENTS.values():
-        sd = load_file(str(folder / file))
-        rows.append([float(len(sd)), sum(sd[k].double().sum().item() for k in sorted(sd)),
-                     sum(sd[k].double().abs().sum().item() for k in sorted(sd))])
-    return torch.tensor(rows, dtype=torch.float64)
 
 
 @pytest.fixture(scope="module")
