@@ -1,16 +1,28 @@
-"""Writing results: image tensors to PIL, a labelled row of images, PNGs and safetensors files."""
+"""Writing results: image tensors to PIL, a labelled row of images, image and safetensors files.
 
+Every file is written beside its final name and renamed into place, so a failure leaves no half
+file, and through a plain open(), so it gets the permissions the umask gives any new file.
+"""
+
+import contextlib
+import json
 import os
 from pathlib import Path
 
+import safetensors.torch
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
-from safetensors.torch import save_file
 
 from models import InputError
 
 GAP = 8  # pixels between images, and around the labels below them
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+TENSORS_SUFFIX = ".safetensors"
+JPEG_QUALITY = 95
+JPEG_COMMENT_MAX = 65533  # a COM segment's 16-bit length also counts its own 2 bytes
+WEBP_MAX_SIDE = 16383  # libwebp's limit, in pixels
+EXIF_IMAGE_DESCRIPTION = 0x010E  # the EXIF tag a WebP file carries the metadata JSON in
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -18,6 +30,8 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     pixels = ((images.detach().float().cpu() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
     return [Image.fromarray(x.permute(1, 2, 0).numpy()) for x in pixels]  # [h, w, 3] each
 
+
+# ---- labels -----------------------------------------------------------------------------
 
 def _font() -> ImageFont.ImageFont:
     try:
@@ -55,21 +69,60 @@ def labelled_row(images: list[Image.Image], labels: list[str]) -> Image.Image:
     return row
 
 
+# ---- files ------------------------------------------------------------------------------
+
+def _temp(path: Path) -> Path:
+    # A plain name rather than mkstemp, so the result gets the usual umask permissions, not 0600.
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def _check_suffix(path: Path, kind: str) -> None:
+    suffix = path.suffix.lower()
+    if kind == "image" and suffix not in IMAGE_SUFFIXES:
+        raise InputError(f"{path}: image outputs are {', '.join(IMAGE_SUFFIXES[:-1])} or {IMAGE_SUFFIXES[-1]}")
+    if kind == "tensors" and suffix != TENSORS_SUFFIX:
+        raise InputError(f"{path}: this output is a safetensors file: name it {TENSORS_SUFFIX}")
+    if kind not in ("image", "tensors"):
+        raise ValueError(f"unknown output kind {kind!r}")
+
+
+def check_output(path: Path, kind: str) -> None:
+    """Refuse, before any work is done, an output that could not be written: a suffix that is not
+    one of `kind`'s ("image" or "tensors"), a missing directory, a directory, no write access."""
+    path = Path(path)
+    _check_suffix(path, kind)
+    if not path.parent.is_dir():
+        raise InputError(f"output directory does not exist: {path.parent}")
+    if os.path.isdir(path):  # False, not an error, for a name too long to exist
+        raise InputError(f"cannot write {path}: it is a directory")
+    # Create and delete the writer's own temp file: root passes os.access even where writes fail.
+    temp = _temp(path)
+    try:
+        temp.open("wb").close()
+        temp.unlink()
+    except OSError as error:
+        raise InputError(f"cannot write {path}: {error.strerror or error}") from error
+
+
+def _discard(temp: Path) -> None:
+    with contextlib.suppress(OSError):  # never created (too long a name, no access): nothing to remove
+        temp.unlink()
+
+
 def _write_atomically(path: Path, write) -> None:
     """Call write(temp) on a file beside `path`, then rename it into place; on failure leave no file."""
     path = Path(path)
     if not path.parent.is_dir():
         raise InputError(f"output directory does not exist: {path.parent}")
-    # A plain name rather than mkstemp, so the result gets the usual umask permissions, not 0600.
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temp = _temp(path)
     try:
         write(temp)
         os.replace(temp, path)
-    except OSError as error:  # unwritable directory, disk full, path is a directory, ...
-        temp.unlink(missing_ok=True)
+    except OSError as error:  # unwritable directory, disk full, path is a directory, name too long, ...
+        _discard(temp)
         raise InputError(f"cannot write {path}: {error.strerror or error}") from error
     except BaseException:  # any other failure, Ctrl-C included
-        temp.unlink(missing_ok=True)
+        _discard(temp)
         raise
 
 
@@ -81,8 +134,50 @@ def save_png(path: Path, image: Image.Image, metadata: dict[str, str]) -> None:
     _write_atomically(path, lambda temp: image.save(temp, format="PNG", pnginfo=info))
 
 
+def save_image(path: Path, image: Image.Image, metadata: dict[str, str]) -> None:
+    """Write `image` in the format its suffix names, with the metadata, atomically.
+
+    .png   one text chunk per item (save_png)
+    .jpg   quality 95; the items as one JSON object, UTF-8, in the comment (Pillow: info["comment"])
+    .webp  lossless; the JSON in EXIF ImageDescription, an ASCII field, so non-ASCII is \\u-escaped
+    """
+    path = Path(path)
+    _check_suffix(path, "image")
+    suffix = path.suffix.lower()
+    if suffix == ".png":
+        save_png(path, image, metadata)
+    elif suffix == ".webp":
+        if max(image.size) > WEBP_MAX_SIDE:
+            raise InputError(f"cannot write {path}: {image.width}x{image.height} pixels is past WebP's "
+                             f"limit of {WEBP_MAX_SIDE} a side; name it .png")
+        exif = Image.Exif()
+        exif[EXIF_IMAGE_DESCRIPTION] = json.dumps(metadata)
+        _write_atomically(path, lambda temp: image.save(temp, format="WEBP", lossless=True, exif=exif))
+    else:
+        comment = json.dumps(metadata, ensure_ascii=False).encode()
+        if len(comment) > JPEG_COMMENT_MAX:
+            raise InputError(f"cannot write {path}: {len(comment)} bytes of metadata do not fit a JPEG "
+                             f"comment ({JPEG_COMMENT_MAX} at most); name it .png")
+        _write_atomically(path, lambda temp: image.convert("RGB").save(
+            temp, format="JPEG", quality=JPEG_QUALITY, comment=comment))
+
+
+def _canonical(data: bytes) -> bytes:
+    """A safetensors file with its JSON header rewritten the same way every time. safetensors writes
+    the metadata from a hash map, so identical runs could differ; this sorts the keys, writes compact
+    UTF-8 and pads with spaces to 8 bytes, as the format asks. Data offsets count from the header's
+    end, so they stay as they are."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8:8 + n]), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header + data[8 + n:]
+
+
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Write tensors (moved to the CPU) as a safetensors file with string metadata, atomically."""
+    """Write tensors (moved to the CPU) as a safetensors file with string metadata, atomically;
+    the same tensors and metadata always give the same bytes."""
     # Copies, because safetensors refuses tensors that share storage (e.g. rows of one batch).
     tensors = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()}
-    _write_atomically(path, lambda temp: save_file(tensors, temp, metadata=metadata))
+    # Serialised here and written by us, so a failed write is an OSError like any other file's.
+    data = _canonical(safetensors.torch.save(tensors, metadata=metadata))
+    _write_atomically(path, lambda temp: temp.write_bytes(data))

@@ -1,8 +1,10 @@
 """Writing results (images, labelled rows, PNG and safetensors files) and the progress bar."""
 
 import io
+import json
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -113,15 +115,159 @@ def test_save_tensors_round_trip(tmp_path):
 
 
 def test_failed_save_tensors_leaves_nothing(tmp_path, monkeypatch):
-    def broken_save_file(tensors, path, metadata=None):
-        with open(path, "wb") as f:
-            f.write(b"half")
+    def broken_write_bytes(self, data):
+        with open(self, "wb") as f:
+            f.write(data[:4])
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(output, "save_file", broken_save_file)
+    monkeypatch.setattr(Path, "write_bytes", broken_write_bytes)
     with pytest.raises(KeyboardInterrupt):
         save_tensors(tmp_path / "x.safetensors", {"x": torch.zeros(1)})
     assert os.listdir(tmp_path) == []
+
+
+# ---- file types, checks before the work, failures, permissions, determinism ------------------
+
+METADATA = {"prompt": "a vélo 自転車 🚲", "seed": "0", "steps": "50"}
+
+
+def test_save_image_writes_the_format_its_suffix_names(tmp_path):
+    x, y = np.meshgrid(np.arange(12), np.arange(8))
+    image = Image.fromarray(np.stack([x * 20, y * 30, x * 5 + y * 10], axis=-1).astype(np.uint8))  # smooth
+    quality_95 = io.BytesIO()
+    image.save(quality_95, format="JPEG", quality=95)
+    for name, magic, form in [("a.png", b"\x89PNG", "PNG"), ("b.jpg", b"\xff\xd8\xff", "JPEG"),
+                              ("c.JPEG", b"\xff\xd8\xff", "JPEG"), ("d.webp", b"RIFF", "WEBP")]:
+        output.save_image(tmp_path / name, image, METADATA)
+        assert (tmp_path / name).read_bytes().startswith(magic), name
+        with Image.open(tmp_path / name) as saved:
+            assert saved.format == form and saved.size == (12, 8)
+            pixels = np.array(saved.convert("RGB")).astype(int)
+            if form == "PNG":
+                assert saved.text == METADATA
+            elif form == "JPEG":
+                assert json.loads(saved.info["comment"].decode("utf-8")) == METADATA
+                assert saved.quantization == Image.open(quality_95).quantization
+                assert saved.info["comment"].startswith('{"prompt": "a vélo 自転車 🚲"'.encode())  # raw UTF-8
+            else:
+                assert json.loads(saved.getexif()[output.EXIF_IMAGE_DESCRIPTION]) == METADATA
+        if form == "JPEG":  # lossy: close, not equal
+            assert np.abs(pixels - np.array(image)).mean() < 8
+        else:
+            assert np.array_equal(pixels, np.array(image))
+    assert sorted(os.listdir(tmp_path)) == ["a.png", "b.jpg", "c.JPEG", "d.webp"]
+
+
+def test_save_image_refuses_other_suffixes(tmp_path):
+    for name in ("x.gif", "x", "x.safetensors"):
+        with pytest.raises(InputError) as caught:
+            output.save_image(tmp_path / name, _image(4, 4, 7), {})
+        assert str(caught.value) == f"{tmp_path / name}: image outputs are .png, .jpg, .jpeg or .webp"
+    assert os.listdir(tmp_path) == []
+
+
+def test_check_output_suffixes(tmp_path):
+    for name in ("a.png", "a.jpg", "a.jpeg", "a.webp", "a.PNG"):
+        output.check_output(tmp_path / name, "image")
+    output.check_output(tmp_path / "a.safetensors", "tensors")
+    assert os.listdir(tmp_path) == []  # the probe leaves nothing behind
+    with pytest.raises(InputError) as caught:
+        output.check_output(tmp_path / "x.gif", "image")
+    assert str(caught.value) == f"{tmp_path / 'x.gif'}: image outputs are .png, .jpg, .jpeg or .webp"
+    with pytest.raises(InputError) as caught:
+        output.check_output(tmp_path / "i.png", "tensors")
+    assert str(caught.value) == f"{tmp_path / 'i.png'}: this output is a safetensors file: name it .safetensors"
+
+
+def test_check_output_refuses_what_could_not_be_written(tmp_path, monkeypatch):
+    with pytest.raises(InputError) as caught:
+        output.check_output(tmp_path / "missing" / "a.png", "image")
+    assert str(caught.value) == f"output directory does not exist: {tmp_path / 'missing'}"
+    (tmp_path / "d.png").mkdir()
+    with pytest.raises(InputError, match=r"^cannot write .*d\.png: it is a directory$"):
+        output.check_output(tmp_path / "d.png", "image")
+    # Too long a name fails for every user, root included; 255 bytes is the usual limit.
+    long = tmp_path / ("x" * 300 + ".safetensors")
+    with pytest.raises(InputError) as caught:
+        output.check_output(long, "tensors")
+    assert str(caught.value) == f"cannot write {long}: File name too long"
+
+    def refused(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "open", refused)
+    with pytest.raises(InputError) as caught:
+        output.check_output(tmp_path / "a.png", "image")
+    assert str(caught.value) == f"cannot write {tmp_path / 'a.png'}: Permission denied"
+    assert os.listdir(tmp_path) == ["d.png"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a 0555 directory anyway")
+def test_check_output_read_only_directory(tmp_path):
+    (tmp_path / "ro").mkdir(mode=0o555)
+    with pytest.raises(InputError, match=r"^cannot write .*a\.png: Permission denied$"):
+        output.check_output(tmp_path / "ro" / "a.png", "image")
+
+
+def test_failed_tensor_writes_are_input_errors_and_leave_nothing(tmp_path, monkeypatch):
+    long = tmp_path / ("x" * 300 + ".safetensors")
+    with pytest.raises(InputError) as caught:
+        save_tensors(long, {"x": torch.zeros(2)})
+    assert str(caught.value) == f"cannot write {long}: File name too long"
+
+    def full_disk(self, data):
+        with open(self, "wb") as f:
+            f.write(data[:10])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
+    with pytest.raises(InputError) as caught:
+        save_tensors(tmp_path / "x.safetensors", {"x": torch.zeros(2)}, {"a": "b"})
+    assert str(caught.value) == f"cannot write {tmp_path / 'x.safetensors'}: No space left on device"
+    assert os.listdir(tmp_path) == []
+
+
+def test_every_output_gets_the_umask_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        for umask, mode in [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)]:
+            os.umask(umask)
+            folder = tmp_path / oct(umask)
+            folder.mkdir()
+            save_tensors(folder / "a.safetensors", {"x": torch.zeros(2)}, {"k": "v"})
+            assert (folder / "a.safetensors").stat().st_mode & 0o777 == mode, oct(umask)
+            for name in ("a.png", "a.jpg", "a.webp"):
+                output.save_image(folder / name, _image(4, 4, 8), {"k": "v"})
+            assert len(os.listdir(folder)) == 4
+            for name in os.listdir(folder):
+                assert (folder / name).stat().st_mode & 0o777 == mode, (name, oct(umask))
+    finally:
+        os.umask(old)
+
+
+def test_save_tensors_is_byte_for_byte_deterministic(tmp_path):
+    tensors = {"zeta": torch.arange(6.0).reshape(2, 3), "Alpha": torch.ones(3, dtype=torch.float16),
+               "mid": torch.tensor([7, 8], dtype=torch.int64)}
+    metadata = {f"key{i}": f"value {i}" for i in range(12)} | {"prompt": "vélo 自転車"}
+    backwards = dict(reversed(list(metadata.items())))
+    files = []
+    for i, md in enumerate([metadata, backwards, metadata, backwards]):
+        save_tensors(tmp_path / f"{i}.safetensors", tensors, md)
+        files.append((tmp_path / f"{i}.safetensors").read_bytes())
+    assert all(f == files[0] for f in files)
+    data = files[0]
+    n = int.from_bytes(data[:8], "little")
+    header = data[8:8 + n]
+    assert n % 8 == 0 and "vélo 自転車".encode() in header and b"\\u" not in header
+    parsed = json.loads(header)
+    assert header.rstrip(b" ") == json.dumps(parsed, sort_keys=True, separators=(",", ":"),
+                                             ensure_ascii=False).encode()
+    assert list(parsed["__metadata__"]) == sorted(metadata)
+    with safe_open(tmp_path / "0.safetensors", "pt") as f:
+        assert f.metadata() == metadata
+        assert sorted(f.keys()) == sorted(tensors)
+        for name, tensor in tensors.items():
+            assert torch.equal(f.get_tensor(name), tensor) and f.get_tensor(name).dtype == tensor.dtype
 
 
 def test_progress_disabled_prints_nothing(capsys):
