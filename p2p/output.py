@@ -5,10 +5,12 @@ file, and through a plain open(), so it gets the permissions the umask gives any
 """
 
 import contextlib
+import functools
 import json
 import os
 from pathlib import Path
 
+import numpy as np
 import safetensors.torch
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -17,6 +19,15 @@ from PIL.PngImagePlugin import PngInfo
 from models import InputError
 
 GAP = 8  # pixels between images, and around the labels below them
+FONT_SIZE = 15
+MAX_LABEL_LINES = 3  # a longer label ends its third line in an ellipsis
+# Fonts with wide coverage, by file name: ImageFont.truetype looks for them in the system font
+# folders (XDG data dirs on Linux, Library/Fonts on macOS, %WINDIR%\fonts). Latin, Greek and
+# Cyrillic first, then CJK ones. Pillow's own default font has ASCII only ("vélo" -> "v▯lo").
+FONT_FILES = ("DejaVuSans.ttf", "NotoSans-Regular.ttf", "Arial.ttf", "arial.ttf",
+              "NotoSansCJK-Regular.ttc", "Arial Unicode.ttf", "msyh.ttc", "wqy-microhei.ttc")
+NO_GLYPH = "\uffff"  # a noncharacter: no font maps it, so it draws the font's missing-glyph box
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 TENSORS_SUFFIX = ".safetensors"
 JPEG_QUALITY = 95
@@ -33,35 +44,65 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 # ---- labels -----------------------------------------------------------------------------
 
-def _font() -> ImageFont.ImageFont:
+@functools.cache
+def _fonts() -> list[ImageFont.ImageFont]:
+    """The fonts of FONT_FILES this system has, loaded once; else Pillow's default font."""
+    found = []
+    for name in FONT_FILES:
+        try:
+            found.append(ImageFont.truetype(name, FONT_SIZE))
+        except OSError:  # not installed
+            pass
+    if found:
+        return found
     try:
-        return ImageFont.load_default(size=15)
+        return [ImageFont.load_default(size=FONT_SIZE)]
     except TypeError:  # Pillow < 10.1 only has its small fixed-size bitmap font
-        return ImageFont.load_default()
+        return [ImageFont.load_default()]
 
 
-def _wrap(text: str, font: ImageFont.ImageFont, width: int) -> list[str]:
-    """Greedy word wrap to `width` pixels; a single word wider than that keeps its own line."""
+@functools.cache
+def _mask(font: ImageFont.ImageFont, char: str) -> tuple:
+    m = font.getmask(char)
+    return m.size, np.asarray(m).tobytes()
+
+
+def _label_font(text: str) -> ImageFont.ImageFont:
+    """The first font that draws every character of `text` (and the ellipsis), else the first font."""
+    def has_glyphs(font):
+        return all(c.isspace() or _mask(font, c) != _mask(font, NO_GLYPH) for c in set(text + "…"))
+
+    return next((font for font in _fonts() if has_glyphs(font)), _fonts()[0])
+
+
+def _wrap(text: str, font: ImageFont.ImageFont, width: int, max_lines: int = MAX_LABEL_LINES) -> list[str]:
+    """Greedy word wrap to `width` pixels (a single word wider than that keeps its own line);
+    past `max_lines` lines, the last one kept is cut to end in an ellipsis."""
     lines = []
     for word in text.split():
         if lines and font.getlength(f"{lines[-1]} {word}") <= width:
             lines[-1] = f"{lines[-1]} {word}"
         else:
             lines.append(word)
+    if len(lines) > max_lines:
+        last = lines[max_lines - 1]
+        while last and font.getlength(last + "…") > width:
+            last = last[:-1]
+        lines = lines[:max_lines - 1] + [last.rstrip() + "…"]
     return lines or [""]
 
 
 def labelled_row(images: list[Image.Image], labels: list[str]) -> Image.Image:
     """The images side by side on white, each with its label centred below it."""
-    font = _font()
-    line_height = font.getbbox("Ag")[3] + 4
-    wrapped = [_wrap(label, font, image.width) for image, label in zip(images, labels, strict=True)]
+    fonts = [_label_font(label) for label in labels]
+    wrapped = [_wrap(label, font, image.width) for image, label, font in zip(images, labels, fonts, strict=True)]
+    line_height = max(font.getbbox("Ag")[3] + 4 for font in fonts)
     width = sum(image.width for image in images) + GAP * (len(images) - 1)
     top = max(image.height for image in images) + GAP  # where the labels start
     row = Image.new("RGB", (width, top + line_height * max(map(len, wrapped)) + GAP), "white")
     draw = ImageDraw.Draw(row)
     x = 0
-    for image, lines in zip(images, wrapped):
+    for image, lines, font in zip(images, wrapped, fonts):
         row.paste(image.convert("RGB"), (x, 0))
         for i, line in enumerate(lines):
             draw.text((x + (image.width - font.getlength(line)) / 2, top + i * line_height), line, fill="black", font=font)

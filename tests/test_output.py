@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFont
 from safetensors import safe_open
 
 from models import InputError
@@ -268,6 +268,38 @@ def test_save_tensors_is_byte_for_byte_deterministic(tmp_path):
         assert sorted(f.keys()) == sorted(tensors)
         for name, tensor in tensors.items():
             assert torch.equal(f.get_tensor(name), tensor) and f.get_tensor(name).dtype == tensor.dtype
+
+
+# ---- labels: fonts with wide coverage, at most three lines --------------------------------
+
+def _has_dejavu():
+    try:
+        ImageFont.truetype("DejaVuSans.ttf", 15)
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_dejavu(), reason="DejaVu Sans is not installed")
+def test_labels_draw_accented_letters():
+    image = _image(80, 16, 9)
+    drawn, boxed = (np.array(labelled_row([image], [label])) for label in ("vélo", "v\uffffl" + "o"))
+    assert drawn.shape == boxed.shape and not np.array_equal(drawn, boxed)  # é is not the missing-glyph box
+    assert (drawn[16:] < 128).any()  # something dark was drawn under the image
+    assert output._label_font("vélo").path.endswith("DejaVuSans.ttf")
+
+
+def test_long_labels_stop_at_three_lines():
+    image = _image(64, 16, 10)
+    label = " ".join(["bicycle"] * 40)
+    three = labelled_row([image], ["bicycle bicycle bicycle"])  # one word a line at 64 pixels
+    assert labelled_row([image], [label]).height == three.height
+    font = output._label_font(label)
+    lines = output._wrap(label, font, 64)
+    assert len(lines) == 3 and lines[:2] == ["bicycle"] * 2 and lines[2].endswith("…")
+    assert font.getlength(lines[2]) <= 64
+    assert three.height == 16 + GAP + 3 * (font.getbbox("Ag")[3] + 4) + GAP
+    assert output._wrap("a cat", font, 64) == ["a cat"]
 
 
 def test_progress_disabled_prints_nothing(capsys):
