@@ -9,7 +9,8 @@ from models import InputError
 from . import output
 from .edits import AttentionStore, side
 
-CELL = 160   # pixels per token tile
+CELL = 160   # pixels on the long side of a tile
+COMPONENTS_PER_ROW = 8  # so that `p2p maps --components 40` stays a readable width
 
 
 def token_maps(store: AttentionStore, res: int, places=("down", "up")) -> torch.Tensor:
@@ -22,12 +23,19 @@ def token_maps(store: AttentionStore, res: int, places=("down", "up")) -> torch.
     return torch.stack([rearrange(store.average(n), "b (h w) m -> b h w m", h=h) for n in names]).mean(0)
 
 
+def fit(width: int, height: int) -> tuple[int, int]:
+    """A tile's (width, height): the long side CELL pixels, the aspect ratio kept."""
+    scale = CELL / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
 def heat(image: Image.Image, attention: np.ndarray) -> Image.Image:
-    """A [h, w] map scaled to 0..1 and laid over the image as a red-yellow heat overlay."""
+    """A [h, w] map scaled to 0..1 and laid over the image as a red-yellow heat overlay, the image's shape."""
+    size = fit(*image.size)
     a = attention - attention.min()
     a = a / a.max() if a.max() > 0 else a
-    a = np.asarray(Image.fromarray((a * 255).astype(np.uint8)).resize((CELL, CELL), Image.BILINEAR)) / 255.0
-    base = np.asarray(image.convert("RGB").resize((CELL, CELL), Image.BILINEAR)) / 255.0
+    a = np.asarray(Image.fromarray((a * 255).astype(np.uint8)).resize(size, Image.BILINEAR)) / 255.0
+    base = np.asarray(image.convert("RGB").resize(size, Image.BILINEAR)) / 255.0
     hot = np.stack([np.clip(2 * a, 0, 1), np.clip(2 * a - 1, 0, 1), np.zeros_like(a)], axis=-1)
     return Image.fromarray((255 * (0.45 * base + 0.55 * hot)).astype(np.uint8))
 
@@ -45,7 +53,7 @@ def self_components(store: AttentionStore, res: int, count: int, b: int = 0) -> 
     for v in vh[:count]:
         a = v.reshape(h, w).numpy()
         a = (a - a.min()) / max(a.max() - a.min(), 1e-12)
-        images.append(Image.fromarray((255 * a).astype(np.uint8)).convert("RGB").resize((CELL, CELL)))
+        images.append(Image.fromarray((255 * a).astype(np.uint8)).convert("RGB").resize(fit(w, h)))
     return images
 
 
@@ -59,13 +67,20 @@ def stack(rows: list[Image.Image]) -> Image.Image:
     return grid
 
 
+def components_grid(parts: list[Image.Image]) -> Image.Image:
+    """self_components' images, each labelled with its number, in rows of at most COMPONENTS_PER_ROW."""
+    labels = [f"self-attention component {i + 1}" for i in range(len(parts))]
+    n = COMPONENTS_PER_ROW
+    return stack([output.labelled_row(parts[i:i + n], labels[i:i + n]) for i in range(0, len(parts), n)])
+
+
 def token_maps_grid(images: list[Image.Image], prompts: list[str], store: AttentionStore, tokenizer,
                     res: int = 16) -> Image.Image:
     """One row per prompt: the image, then each of its tokens' maps labelled with the token."""
     maps = token_maps(store, res).cpu().numpy()
     rows = []
     for b, (image, prompt) in enumerate(zip(images, prompts)):
-        tiles, labels = [image.resize((CELL, CELL), Image.BILINEAR)], [prompt]
+        tiles, labels = [image.resize(fit(*image.size), Image.BILINEAR)], [prompt]
         ids = tokenizer(prompt).input_ids
         for i in range(1, len(ids) - 1):   # the prompt's tokens, without start and end
             tiles.append(heat(image, maps[b, :, :, i]))
