@@ -123,11 +123,23 @@ def test_side_files_are_optional():
     ]
 
 
-def _fake_hub(monkeypatch, listing_error=None):
-    """Replace the two hub calls `download` makes; returns the list of downloads it asked for."""
+def _fake_hub(monkeypatch, listing_error=None, probe_error=None):
+    """Replace the hub calls `download` makes, online and with no offline variable set; returns
+    the list of listings and downloads it asked for (the probe of the hub is not in it)."""
     import huggingface_hub
 
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     calls = []
+
+    class Session:
+        def head(self, url, timeout=None):
+            assert url == huggingface_hub.constants.ENDPOINT and timeout is not None
+            if probe_error is not None:
+                raise probe_error
+
+    monkeypatch.setattr(huggingface_hub, "get_session", Session)
 
     def list_repo_files(self, repo, revision=None):
         if listing_error is not None:
@@ -170,3 +182,64 @@ def test_download_errors_become_one_line_input_errors(monkeypatch, tmp_path):
         with pytest.raises(InputError, match=message) as caught:
             download("x/y", tmp_path)
         assert "\n" not in str(caught.value)
+
+
+LOCAL = "--weights PATH (a .safetensors file or a diffusers folder)"
+
+
+def test_unreachable_hub_is_one_line_at_once(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+    from p2p.download import download
+
+    error = ConnectionError("[Errno -2] Name or service not known\nwhile requesting HEAD https://huggingface.co")
+    calls = _fake_hub(monkeypatch, probe_error=error)
+    with pytest.raises(InputError) as caught:
+        download("x/y", tmp_path)
+    assert str(caught.value) == (f"cannot reach the model hub ({constants.ENDPOINT}: [Errno -2] Name or service "
+                                 f"not known): download the weights elsewhere and pass them with {LOCAL}")
+    assert calls == []  # no listing, so none of its retries
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_offline_variable_read_at_call_time(monkeypatch, tmp_path):
+    import huggingface_hub
+    from p2p.download import download
+
+    for name, value in [("HF_HUB_OFFLINE", "1"), ("HF_HUB_OFFLINE", "true"), ("TRANSFORMERS_OFFLINE", "YES")]:
+        calls = _fake_hub(monkeypatch, probe_error=AssertionError("the hub was probed"))
+        monkeypatch.setenv(name, value)
+        with pytest.raises(InputError) as caught:
+            download("x/y", tmp_path)
+        assert str(caught.value) == f"the model hub is offline ({name} is set): pass local weights with {LOCAL}"
+        assert calls == []
+    # Set when huggingface_hub was imported, gone from the environment since.
+    _fake_hub(monkeypatch, probe_error=AssertionError("the hub was probed"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(InputError, match=r"^the model hub is offline \(HF_HUB_OFFLINE is set\)"):
+        download("x/y", tmp_path)
+    _fake_hub(monkeypatch)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert download("x/y", tmp_path) == tmp_path / "x--y"
+
+
+def test_retry_warnings_are_silenced(monkeypatch, tmp_path, caplog):
+    import logging
+
+    import huggingface_hub
+    from p2p.download import download
+
+    _fake_hub(monkeypatch)
+    levels = {name: logging.getLogger(name).level for name in ("huggingface_hub", "httpx2", "urllib3")}
+
+    def flaky_listing(self, repo, revision=None):
+        for attempt in range(1, 6):  # what huggingface_hub's http_backoff logs before giving up
+            logging.getLogger("huggingface_hub.utils._http").warning(f"Retrying in 1s [Retry {attempt}/5].")
+            logging.getLogger("urllib3.connectionpool").warning("Retrying (Retry(total=4)) after connection broken")
+        raise ConnectionError("Read timed out.")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", flaky_listing)
+    with pytest.raises(InputError) as caught:
+        download("x/y", tmp_path)
+    assert str(caught.value) == "listing files failed for x/y: Read timed out."
+    assert [r.getMessage() for r in caplog.records] == []  # nothing reached a handler
+    assert {name: logging.getLogger(name).level for name in levels} == levels
