@@ -63,6 +63,7 @@ def _fonts() -> list[ImageFont.ImageFont]:
 
 @functools.cache
 def _mask(font: ImageFont.ImageFont, char: str) -> tuple:
+    """How `font` draws `char` (size and pixels), to compare with its missing-glyph box."""
     m = font.getmask(char)
     return m.size, np.asarray(m).tobytes()
 
