@@ -19,9 +19,11 @@ def alphas_cumprod() -> torch.Tensor:
 
 
 def timesteps(steps: int) -> list[int]:
-    """The "leading" DDIM timesteps, noisiest first: 981, 961, ..., 1 for 50 steps."""
+    """The "leading" DDIM timesteps, noisiest first: 981, 961, ..., 1 for 50 steps. The offset
+    holds only while the top step stays <= 999: 1000 steps are 999, ..., 0, each level once."""
     stride = TRAIN_STEPS // steps
-    return [i * stride + STEPS_OFFSET for i in reversed(range(steps))]
+    offset = STEPS_OFFSET if (steps - 1) * stride + STEPS_OFFSET < TRAIN_STEPS else 0
+    return [i * stride + offset for i in reversed(range(steps))]
 
 
 def schedule(steps: int) -> list[tuple[int, float, float]]:

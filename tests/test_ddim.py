@@ -26,6 +26,21 @@ def test_leading_timesteps_with_offset():
     assert ddim.timesteps(3) == [667, 334, 1]
 
 
+def test_every_step_count_from_1_to_1000():
+    """The offset of 1 holds while the top step stays <= 999; 1000 steps are every level once."""
+    a = ddim.alphas_cumprod()
+    for n in range(1, ddim.TRAIN_STEPS + 1):
+        ts = ddim.timesteps(n)
+        assert len(ts) == n and len(set(ts)) == n, n
+        assert all(x > y for x, y in zip(ts, ts[1:])) and 0 <= ts[-1] and ts[0] <= 999, n
+        assert [t for t, _, _ in ddim.schedule(n)] == ts
+    assert ddim.timesteps(1000) == list(range(999, -1, -1))
+    assert ddim.timesteps(999)[:2] == [999, 998] and ddim.timesteps(999)[-1] == 1   # offset kept
+    assert ddim.timesteps(1) == [1]
+    assert ddim.schedule(1000)[0] == (999, a[999].item(), a[998].item())
+    assert ddim.schedule(1000)[-1] == (0, a[0].item(), a[0].item())
+
+
 def test_alpha_prev_ends_at_alpha_0_not_one():
     a = ddim.alphas_cumprod()
     steps = ddim.schedule(10)
