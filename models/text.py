@@ -39,7 +39,8 @@ def load_tokenizer(directory: Path = TOKENIZER_DIR) -> CLIPTokenizer:
 def check_prompts(tokenizer: CLIPTokenizer, prompts: list[str]):
     """A prompt that does not fit in 77 tokens is an error, never silently cut."""
     for prompt in prompts:
-        n = len(tokenizer(prompt).input_ids)
+        # verbose=False: counting is not feeding the model, so no "longer than the maximum" warning
+        n = len(tokenizer(prompt, verbose=False).input_ids)
         if n > MAX_TOKENS:
             raise InputError(f"prompt has {n - 2} tokens, at most {MAX_TOKENS - 2} fit: {prompt!r}")
 
