@@ -136,12 +136,15 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
+    """Nearest upsampling to `size`, that of the skip it meets next: twice x's size, less one where
+    the stride-2 conv rounded an odd size up ((h, w) = (9, 25) goes down to (5, 13), and back)."""
+
     def __init__(self, c: int):
         super().__init__()
         self.conv = nn.Conv2d(c, c, 3, padding=1)
 
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def forward(self, x, size: tuple[int, int]):
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
 
 
 class DownBlock(nn.Module):
@@ -207,7 +210,7 @@ class UpBlock(nn.Module):
             if self.attentions is not None:
                 x = self.attentions[j](x, context, edit)
         if self.upsamplers is not None:
-            x = self.upsamplers[0](x)
+            x = self.upsamplers[0](x, skips[-1].shape[-2:])
         return x
 
 
@@ -228,7 +231,7 @@ class UNet(nn.Module):
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
 
     def sites(self, h: int, w: int) -> list[Site]:
-        """Every attention layer with the feature-map size it sees for latents of size h x w."""
+        """Every attention layer with the feature-map size (h, w) it sees for latents h high, w wide."""
         sizes = [(h, w)]
         for _ in self.cfg.channels[1:]:
             sizes.append(((sizes[-1][0] + 1) // 2, (sizes[-1][1] + 1) // 2))   # stride-2 conv, padding 1

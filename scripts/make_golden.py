@@ -4,6 +4,12 @@ How it was run (once, fp32 on CPU, from the repository root):
 
     pip install diffusers==0.42.1      # the reference; never a dependency of p2p, models/ or tests/
     python scripts/make_golden.py      # -> tests/golden/tiny.safetensors (~0.5 MB)
+    python scripts/make_golden.py --odd-size   # -> tests/golden/odd_size.safetensors only (~50 KB)
+
+--odd-size records sizes that are multiples of 8 but not of 64, where each upsampler must meet
+its skip's size: UNet eps on latents 9 x 25, 1 x 25 and 2 x 3 (h x w), and a 3-step pipeline
+run at 200x72 pixels. It leaves tiny.safetensors as it is. (It was run in a separate venv:
+torch==2.13.0, then diffusers==0.42.1 transformers, never in the project's.)
 
 The reference is diffusers (UNet2DConditionModel, AutoencoderKL, DDIMScheduler,
 StableDiffusionPipeline) with transformers' CLIPTextModel and CLIPTokenizer, all loaded with
@@ -18,6 +24,7 @@ diffusers versions used are recorded in the file's metadata. Steps:
 4. record the inputs and outputs tests/test_golden.py compares against, and a fingerprint of
    the weights so a test can tell "make_tiny changed" from "the network is wrong".
 """
+import argparse
 import json
 import os
 import sys
@@ -40,6 +47,11 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import make_tiny  # noqa: E402
 
 OUT = ROOT / "tests" / "golden" / "tiny.safetensors"
+ODD_OUT = ROOT / "tests" / "golden" / "odd_size.safetensors"
+# latent (h, w) of 200x72, 200x8 and 24x16 pixels (WIDTHxHEIGHT); not 1x1: the tiny model's first
+# GroupNorm has 1 channel per group, and one value per group is an error in torch
+ODD_LATENTS = [(9, 25), (1, 25), (2, 3)]
+ODD_E2E = dict(prompts=["a cat riding a bicycle"], steps=3, seed=0, height=72, width=200)
 PROMPTS = ["a cat riding a bicycle", "", "A photo of a squirrel eating a burger"]
 UNET_CONTEXT_ROWS = [0, 2]                 # the UNet golden's context: hidden states of these prompts
 UNET_TIMESTEPS = [981, 500, 1]
@@ -121,8 +133,34 @@ def scheduler_alphas(scheduler: DDIMScheduler, steps: int) -> tuple[torch.Tensor
     return ts, alpha_t, alpha_prev
 
 
+def write_odd_size(unet, vae, text_encoder, tokenizer, folder: Path):
+    """Sizes off the multiples of 64: upsampling must land on the skip's odd size, as in diffusers."""
+    ids = tokenizer(PROMPTS[:1], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    g = {"fingerprint": fingerprint(folder), "context": text_encoder(ids)[0]}
+    for h, w in ODD_LATENTS:
+        g[f"unet.x.{h}x{w}"] = x = torch.randn((1, 4, h, w), generator=seeded(4))
+        g[f"unet.eps.{h}x{w}"] = unet(x, torch.tensor(500), encoder_hidden_states=g["context"]).sample
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=DDIMScheduler(**SCHEDULER), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    c = ODD_E2E
+    latents = torch.randn((1, 4, c["height"] // 8, c["width"] // 8), generator=seeded(c["seed"]))
+    g["e2e"] = pipe(c["prompts"], height=c["height"], width=c["width"], num_inference_steps=c["steps"],
+                    guidance_scale=GUIDANCE, eta=0.0, latents=latents, output_type="latent").images
+    metadata = {"command": "pip install diffusers==0.42.1 && python scripts/make_golden.py --odd-size",
+                "torch": torch.__version__, "transformers": transformers.__version__,
+                "diffusers": diffusers.__version__, "prompt": PROMPTS[0], "unet_timestep": "500",
+                "latents": json.dumps(ODD_LATENTS), "guidance": str(GUIDANCE), "e2e": json.dumps(ODD_E2E)}
+    save_file({k: v.detach().contiguous() for k, v in g.items()}, str(ODD_OUT), metadata=metadata)
+    print(f"wrote {ODD_OUT.relative_to(ROOT)} ({ODD_OUT.stat().st_size / 1024:.0f} KiB, {len(g)} tensors)")
+
+
 @torch.no_grad()
-def main():
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--odd-size", action="store_true", help="write only tests/golden/odd_size.safetensors")
+    args = ap.parse_args(argv)
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
     torch.manual_seed(0)   # nothing below should draw from the global generator; seeded anyway
@@ -142,6 +180,9 @@ def main():
     print("checking the reference models hold the files' weights")
     for model, name in ((unet, "unet"), (vae, "vae"), (text_encoder, "text_encoder")):
         check_filled(model, folder / COMPONENTS[name], name)
+    if args.odd_size:
+        write_odd_size(unet, vae, text_encoder, tokenizer, folder)
+        return tmp.cleanup()
     scheduler = DDIMScheduler(**SCHEDULER)
 
     g = {"fingerprint": fingerprint(folder)}

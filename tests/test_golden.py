@@ -19,15 +19,16 @@ from p2p.sampler import generate, guidance_batch, initial_noise
 from conftest import GOLDEN, script
 
 FILE = GOLDEN / "tiny.safetensors"
+ODD_FILE = GOLDEN / "odd_size.safetensors"   # scripts/make_golden.py --odd-size
 make_tiny = script("make_tiny")
 fingerprint, COMPONENTS = make_tiny.fingerprint, make_tiny.COMPONENTS
-REGENERATE = "regenerate the goldens with: pip install diffusers==0.42.1 && python scripts/make_golden.py"
+REGENERATE = ("regenerate the goldens with: pip install diffusers==0.42.1 && python scripts/make_golden.py "
+              "(and again with --odd-size)")
 
 
-@pytest.fixture(scope="module")
-def golden(tiny_folder):
+def read_golden(file, tiny_folder) -> dict:
     """The golden tensors, only once the tiny weights are known to be the ones they were made from."""
-    with safe_open(str(FILE), "pt") as f:
+    with safe_open(str(file), "pt") as f:
         g = {k: f.get_tensor(k) for k in f.keys()}
         g["meta"] = {k: json.loads(v) if v[:1] in "[{" else v for k, v in f.metadata().items()}
     drifted = [name for name, ours, ref in zip(COMPONENTS, fingerprint(tiny_folder), g["fingerprint"])
@@ -36,6 +37,16 @@ def golden(tiny_folder):
         pytest.fail(f"scripts/make_tiny.py no longer writes the weights the goldens were made from "
                     f"({', '.join(drifted)} changed): the networks were not compared; {REGENERATE}", pytrace=False)
     return g
+
+
+@pytest.fixture(scope="module")
+def golden(tiny_folder):
+    return read_golden(FILE, tiny_folder)
+
+
+@pytest.fixture(scope="module")
+def odd_golden(tiny_folder):
+    return read_golden(ODD_FILE, tiny_folder)
 
 
 def assert_close(ours: torch.Tensor, ref: torch.Tensor, what: str, atol: float | None = None):
@@ -132,3 +143,19 @@ def test_p2p_generate_command_reproduces_the_reference_in_both_layouts(golden, t
         latents.append(load_file(str(tmp_path / f"{name}.safetensors"))["latents"])
         assert_close(latents[-1], golden["e2e"], f"p2p generate ({name}) latents", atol=1e-3)
     assert torch.equal(latents[0], latents[1])
+
+
+@torch.no_grad()
+def test_unet_at_sizes_off_the_multiples_of_64(odd_golden, tiny):
+    """Each upsampler lands on the size of the skip it meets next, as diffusers' does: 9 -> 5 -> 9."""
+    for h, w in odd_golden["meta"]["latents"]:
+        eps = tiny.unet(odd_golden[f"unet.x.{h}x{w}"], 500, odd_golden["context"])
+        assert_close(eps, odd_golden[f"unet.eps.{h}x{w}"], f"UNet eps at latents {w}x{h} (WIDTHxHEIGHT)")
+
+
+def test_generate_at_200x72(odd_golden, tiny):
+    case = odd_golden["meta"]["e2e"]
+    latents = generate(tiny, case["prompts"], seed=case["seed"], steps=case["steps"],
+                       guidance=float(odd_golden["meta"]["guidance"]), height=case["height"], width=case["width"],
+                       progress=False)
+    assert_close(latents, odd_golden["e2e"], f"latents at {case['width']}x{case['height']}", atol=1e-3)

@@ -33,6 +33,54 @@ def state(sd):
             **{f"text.{k}": v for k, v in sd.text.model.state_dict().items()}}
 
 
+# ---- sizes that are multiples of 8 but not of 64 -------------------------------------------
+
+@torch.no_grad()
+def test_unet_runs_at_latents_9x25_and_1x25(tiny):
+    ctx = tiny.text.encode(["a cat"])
+    for h, w in [(9, 25), (1, 25), (25, 9), (3, 5)]:
+        eps = tiny.unet(torch.randn(1, 4, h, w, generator=torch.Generator().manual_seed(0)), 500, ctx)
+        assert eps.shape == (1, 4, h, w) and torch.isfinite(eps).all()
+
+
+@torch.no_grad()
+def test_unet_runs_at_latents_1x1(tiny):
+    """8x8 pixels. The tiny model's first GroupNorm has one channel per group, and torch refuses
+    one value per group, so the tiny weights go into a UNet with 16 groups (same shapes)."""
+    unet = UNet(replace(tiny.unet.cfg, groups=16)).eval()
+    unet.load_state_dict(tiny.unet.state_dict())
+    eps = unet(torch.randn(2, 4, 1, 1, generator=torch.Generator().manual_seed(0)), 500, tiny.text.encode(["a", "b"]))
+    assert eps.shape == (2, 4, 1, 1) and torch.isfinite(eps).all()
+
+
+def test_generate_at_200x72_agrees_in_both_layouts(tiny_file, tiny_folder):
+    a = generate(load(tiny_file), ["a cat"], steps=2, height=72, width=200, progress=False)
+    b = generate(load(tiny_folder), ["a cat"], steps=2, height=72, width=200, progress=False)
+    assert a.shape == (1, 4, 9, 25) and torch.isfinite(a).all()
+    assert torch.equal(a, b)
+
+
+class Recorder:
+    """An edit that wants no site and notes each site's name and the size it ran at."""
+
+    def __init__(self):
+        self.seen = {}
+
+    def wants(self, site: Site) -> bool:
+        self.seen[site.name] = site.res
+        return False
+
+
+@torch.no_grad()
+def test_sites_report_the_sizes_each_level_runs_at_9x25(tiny):
+    sites = tiny.unet.sites(9, 25)
+    sizes = {s.level: s.res for s in sites}
+    assert sizes == {0: (9, 25), 1: (5, 13), 2: (3, 7), 3: (2, 4)}   # stride-2 convs round up
+    recorder = Recorder()
+    tiny.unet(torch.zeros(1, 4, 9, 25), 500, tiny.text.encode(["a cat"]), edit=recorder)
+    assert recorder.seen == {s.name: s.res for s in sites}
+
+
 # ---- a long prompt is our error alone --------------------------------------------------------
 
 def test_long_prompt_error_comes_without_the_transformers_warning(capfd, caplog):
