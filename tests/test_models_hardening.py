@@ -33,6 +33,60 @@ def state(sd):
             **{f"text.{k}": v for k, v in sd.text.model.state_dict().items()}}
 
 
+# ---- safetensors recognised by its structure, pickles by their magic ---------------------
+
+def pad_header(src, dst, low_byte: int):
+    """Rewrite `src` with its JSON header padded by trailing spaces (the format allows it) until
+    the header length's low byte, the file's first byte, is `low_byte`."""
+    data = src.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = data[8:8 + n].rstrip(b" ")
+    padded = header + b" " * ((low_byte - len(header)) % 256)
+    dst.write_bytes(struct.pack("<Q", len(padded)) + padded + data[8 + n:])
+
+
+def test_header_length_with_low_byte_0x80_is_safetensors_not_a_pickle(tiny_file, tiny, tmp_path):
+    odd = tmp_path / "odd.safetensors"
+    pad_header(tiny_file, odd, 0x80)
+    assert odd.read_bytes()[0] == 0x80 and struct.unpack("<Q", odd.read_bytes()[:8])[0] % 256 == 0x80
+    assert load_file(odd).keys() == load_file(tiny_file).keys()      # safetensors itself reads it
+    sd = load(odd)
+    a, b = state(tiny), state(sd)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    x, ctx = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), tiny.text.encode(["a cat"])
+    with torch.no_grad():
+        assert torch.equal(sd.unet(x, 500, ctx), tiny.unet(x, 500, ctx))
+
+
+@pytest.mark.parametrize("kind", ["pickle protocol 2", "pickle protocol 4", "pickle protocol 5", "torch.save zip"])
+def test_pickle_and_zip_magic_under_a_safetensors_name_are_refused(kind, tmp_path):
+    path = tmp_path / "disguised.safetensors"
+    if kind == "torch.save zip":
+        torch.save({"state_dict": {"w": torch.zeros(1)}}, path)
+        assert path.read_bytes()[:4] == b"PK\x03\x04"
+    else:
+        path.write_bytes(pickle.dumps({"w": [0.0] * 100}, protocol=int(kind[-1])))
+        assert path.read_bytes()[:2] == bytes([0x80, int(kind[-1])])
+    with pytest.raises(InputError, match="is a pickle checkpoint: p2p never unpickles"):
+        load(path)
+
+
+def test_pickle_suffix_is_refused_even_with_safetensors_inside(tiny_file, tmp_path):
+    ckpt = tmp_path / "model.ckpt"
+    shutil.copy(tiny_file, ckpt)
+    with pytest.raises(InputError, match="model.ckpt is a pickle checkpoint"):
+        load(ckpt)
+
+
+def test_other_bytes_are_not_a_readable_safetensors_file(tmp_path):
+    for name, data in [("text", b"hello, this is not a checkpoint"), ("empty", b""),
+                       ("long header", struct.pack("<Q", 10 ** 9) + b"{}")]:
+        path = tmp_path / f"{name}.safetensors"
+        path.write_bytes(data)
+        with pytest.raises(InputError, match=r"not a readable \.safetensors file \(no safetensors header\)"):
+            load(path)
+
+
 # ---- sizes that are multiples of 8 but not of 64 -------------------------------------------
 
 @torch.no_grad()
@@ -81,6 +135,127 @@ def test_sites_report_the_sizes_each_level_runs_at_9x25(tiny):
     assert recorder.seen == {s.name: s.res for s in sites}
 
 
+# ---- malformed checkpoints name what is missing or broken --------------------------------
+
+def refused(tensors: dict, path, what: str) -> str:
+    """Save `tensors`, load them, and return the InputError's message; anything else fails."""
+    save_file(tensors, str(path))
+    try:
+        load(path)
+    except InputError as e:
+        return str(e)
+    except Exception as e:   # noqa: BLE001 - the point: only InputError may come out
+        pytest.fail(f"{what}: {type(e).__name__}: {e}")
+    pytest.fail(f"{what}: loaded")
+
+
+def test_a_few_real_unet_tensors_name_the_first_missing_one(tiny_file, tmp_path):
+    full = load_file(tiny_file)
+    few = {k: v for k, v in full.items() if k.startswith(("model.diffusion_model.input_blocks.0.0.",
+                                                           "model.diffusion_model.input_blocks.1."))}
+    assert "model.diffusion_model.input_blocks.0.0.weight" in few and len(few) > 4
+    assert refused(few, tmp_path / "few.safetensors", "few") == "UNet: checkpoint lacks conv_out.weight"
+
+
+def test_one_unknown_unet_tensor_is_named(tmp_path):
+    message = refused({"model.diffusion_model.foo": torch.zeros(2)}, tmp_path / "foo.safetensors", "foo")
+    assert message.startswith("UNet: checkpoint lacks input_blocks.*")
+
+
+# tensors the architecture is read from (widths, channels, vocabulary): damage there is the hardest
+READ_FROM = ["model.diffusion_model.input_blocks.0.0.weight", "model.diffusion_model.out.2.weight",
+             "model.diffusion_model.input_blocks.1.0.in_layers.2.weight",
+             "model.diffusion_model.input_blocks.4.0.in_layers.2.weight",
+             "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
+             "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
+             "first_stage_model.post_quant_conv.weight", "first_stage_model.encoder.down.0.block.0.conv1.weight",
+             "first_stage_model.encoder.conv_in.weight",
+             "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight"]
+
+
+def test_fuzz_single_file_every_damage_is_an_input_error(tiny_file, tmp_path):
+    full = load_file(tiny_file)
+    rng = random.Random(0)
+    weights = sorted(k for k in full if "." in k and not k.endswith("position_ids"))   # not dropped by the loader
+    cases = {f"without {k}": {n: v for n, v in full.items() if n != k} for k in rng.sample(weights, 20) + READ_FROM}
+    for i, k in enumerate(READ_FROM):   # cut short, one way in turn: half the columns, half the rows, flattened
+        t = full[k]
+        cut = [t[:, :t.shape[1] // 2], t[:t.shape[0] // 2], t.flatten()][i % 3]
+        cases[f"{k} cut to {tuple(cut.shape)}"] = {**full, k: cut.contiguous()}
+    for keep in (1, 3, 40, 400, 900, len(full) - 1):
+        cases[f"first {keep} keys only"] = {k: full[k] for k in sorted(full)[:keep]}
+    path = tmp_path / "damaged.safetensors"
+    for what, tensors in cases.items():
+        message = refused(tensors, path, what)
+        assert message and "\n" not in message, what
+
+
+def copy_folder(tiny_folder, tmp_path):
+    folder = tmp_path / "tiny-diffusers"
+    shutil.copytree(tiny_folder, folder)
+    return folder
+
+
+@pytest.mark.parametrize("part", ["unet", "vae", "text_encoder"])
+def test_folder_without_a_component_names_it(part, tiny_folder, tmp_path):
+    folder = copy_folder(tiny_folder, tmp_path)
+    shutil.rmtree(folder / part)
+    with pytest.raises(InputError, match=rf"not a diffusers-layout checkpoint .*; {part}/ missing\)"):
+        load(folder)
+
+
+def test_folder_damage_is_an_input_error(tiny_folder, tmp_path):
+    folder = copy_folder(tiny_folder, tmp_path)
+    (folder / "text_encoder" / "model.safetensors").rename(folder / "text_encoder" / "weights.bak")
+    with pytest.raises(InputError, match="text_encoder: no model.safetensors"):
+        load(folder)
+    (folder / "text_encoder" / "weights.bak").rename(folder / "text_encoder" / "model.safetensors")
+
+    config = folder / "unet" / "config.json"
+    good = config.read_text()
+    config.write_text(good[:-20])
+    with pytest.raises(InputError, match=r"unet/config.json: not valid JSON"):
+        load(folder)
+    config.write_text("[1, 2]")
+    with pytest.raises(InputError, match=r"unet/config.json: not a JSON object"):
+        load(folder)
+    config.write_text(good)
+
+    unet_file = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    full = load_file(unet_file)
+    for key in random.Random(1).sample(sorted(full), 6) + ["conv_in.weight", "down_blocks.0.resnets.0.conv1.weight"]:
+        save_file({k: v for k, v in full.items() if k != key}, str(unet_file))
+        with pytest.raises(InputError, match=r"^UNet: checkpoint lacks"):
+            load(folder)
+
+
+# ---- the device is checked before the file is blamed -------------------------------------
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda_is_a_device_error(tiny_file):
+    with pytest.raises(InputError, match="^device cuda: no CUDA device is available to this torch$"):
+        load(tiny_file, "cuda")
+    with pytest.raises(InputError, match="^device cuda:1: no CUDA device"):
+        checkpoint.check_device("cuda:1")
+    # below load: a failed device move is torch's error, not "not a readable .safetensors file"
+    with pytest.raises(Exception) as caught:
+        read_safetensors(tiny_file, "cuda", torch.float32)
+    assert not isinstance(caught.value, InputError), caught.value
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has MPS")
+def test_mps_without_mps_is_a_device_error(tiny_file):
+    with pytest.raises(InputError, match="^device mps: no MPS device is available to this torch$"):
+        load(tiny_file, "mps")
+
+
+def test_devices_that_exist_pass_and_nonsense_is_named():
+    checkpoint.check_device("cpu")
+    checkpoint.check_device(torch.device("cpu"))
+    with pytest.raises(InputError, match="^device gpu0: not a torch device"):
+        checkpoint.check_device("gpu0")
+
+
 # ---- a long prompt is our error alone --------------------------------------------------------
 
 def test_long_prompt_error_comes_without_the_transformers_warning(capfd, caplog):
@@ -99,3 +274,65 @@ def test_long_prompt_error_comes_without_the_transformers_warning(capfd, caplog)
     out, err = capfd.readouterr()
     said = out + err + caplog.text
     assert "sequence length" not in said and "indexing errors" not in said, said
+
+
+# ---- the fingerprint of the weights --------------------------------------------------------
+
+def test_fingerprint_is_stable_and_filled_by_load(tiny, tiny_file, tiny_folder):
+    file_print, folder_print = checkpoint.fingerprint(tiny_file), checkpoint.fingerprint(tiny_folder)
+    assert len(file_print) == 16 and int(file_print, 16) >= 0
+    assert checkpoint.fingerprint(tiny_file) == file_print
+    assert checkpoint.fingerprint(str(tiny_folder)) == folder_print
+    assert file_print != folder_print
+    assert tiny.fingerprint == file_print and load(tiny_folder).fingerprint == folder_print
+
+
+def test_fingerprint_tells_apart_other_weights_with_identical_headers(tiny_file, tiny_folder, tmp_path):
+    make_tiny.main([str(tmp_path / "seed1"), "--seed", "1"])
+    other_file, other_folder = tmp_path / "seed1" / "tiny.safetensors", tmp_path / "seed1" / "tiny-diffusers"
+    assert checkpoint.safetensors_header(other_file) == checkpoint.safetensors_header(tiny_file)
+    assert checkpoint.fingerprint(other_file) != checkpoint.fingerprint(tiny_file)
+    assert checkpoint.fingerprint(other_folder) != checkpoint.fingerprint(tiny_folder)
+    # a folder of the same name and layout: only the weights differ
+    copy = copy_folder(tiny_folder, tmp_path / "copy")
+    assert checkpoint.fingerprint(copy) == checkpoint.fingerprint(tiny_folder)
+    shutil.copy(other_folder / "vae" / "diffusion_pytorch_model.safetensors", copy / "vae")
+    assert checkpoint.fingerprint(copy) != checkpoint.fingerprint(tiny_folder)
+
+
+def test_fingerprint_reads_a_bounded_number_of_bytes(tmp_path, monkeypatch):
+    big = tmp_path / "big.safetensors"   # 200 MB of float32, sparse on disk
+    header = json.dumps({"w": {"dtype": "F32", "shape": [50_000_000], "data_offsets": [0, 200_000_000]}}).encode()
+    with open(big, "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header)
+        f.truncate(8 + len(header) + 200_000_000)
+    read = []
+
+    class Counting:
+        def __init__(self, f):
+            self.f = f
+        def __enter__(self):
+            return self
+        def __exit__(self, *exc):
+            self.f.close()
+        def read(self, n=-1):
+            data = self.f.read(n)
+            read.append(len(data))
+            return data
+        def seek(self, offset):
+            return self.f.seek(offset)
+
+    monkeypatch.setattr(checkpoint, "open", lambda path, mode: Counting(open(path, mode)), raising=False)
+    checkpoint.fingerprint(big)
+    assert sum(read) == 8 + len(header) + 16 * 4096   # the header, then 16 samples of 4 KiB
+
+
+def test_fingerprint_refuses_what_load_refuses(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        checkpoint.fingerprint(tmp_path / "nope.safetensors")
+    torch.save({"w": torch.zeros(1)}, tmp_path / "zip.safetensors")
+    with pytest.raises(InputError, match="never unpickles"):
+        checkpoint.fingerprint(tmp_path / "zip.safetensors")
+    (tmp_path / "folder" / "unet").mkdir(parents=True)
+    with pytest.raises(InputError, match="vae/, text_encoder/ missing"):
+        checkpoint.fingerprint(tmp_path / "folder")
