@@ -38,7 +38,9 @@ def token_indices(tokenizer, prompt: str, word: str | int) -> list[int]:
         chosen = [t for w, t in zip(prompt.split(" "), tokens) if w == word]
     indices = [i for t in chosen for i in t]
     if not indices:
-        raise InputError(f"word {word!r} is not in the prompt {prompt!r}")
+        words = ", ".join(repr(w) for w in prompt.split(" "))
+        raise InputError(f"word {word!r} is not in the prompt {prompt!r} (words are split on spaces, "
+                         f"punctuation stays attached: {words})")
     return indices
 
 

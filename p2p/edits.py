@@ -18,7 +18,7 @@ from einops import rearrange
 from models import InputError
 from models.attention import Site
 
-from . import align
+from . import align, check_finite
 
 MAX_TOKENS = 77
 
@@ -83,6 +83,7 @@ class Reweight:
     def __init__(self, tokenizer, prompts: list[str], scales: dict[str, float], prev=None):
         self.scale = torch.ones(len(prompts) - 1, MAX_TOKENS)
         for word, c in scales.items():
+            check_finite(f"the scale of {word!r}", c)
             targets = [k for k, p in enumerate(prompts[1:]) if word in p.split(" ")]
             if not targets:
                 raise InputError(f"re-weighted word {word!r} is in no target prompt")
@@ -97,6 +98,16 @@ class Reweight:
 
 # ---- the step windows -------------------------------------------------------------------
 
+def bounds(window) -> tuple[float, float]:
+    """A window as (start, end) fractions of the steps: F is (0, F)."""
+    start, end = (0.0, window) if isinstance(window, (int, float)) else window
+    check_finite("a step window's start", start)
+    check_finite("a step window's end", end)
+    if not 0 <= start <= end <= 1:
+        raise InputError(f"step window {window}: need 0 <= START <= END <= 1")
+    return start, end
+
+
 def cross_alphas(tokenizer, prompts: list[str], steps: int, windows) -> torch.Tensor:
     """alpha [steps, k, m]: 1 where target k's token column is edited at step i.
 
@@ -109,27 +120,27 @@ def cross_alphas(tokenizer, prompts: list[str], steps: int, windows) -> torch.Te
     windows = {"default": (0.0, 1.0), **windows}
     alpha = torch.zeros(steps + 1, len(prompts) - 1, MAX_TOKENS)
 
-    def fill(bounds, k, columns):
-        start, end = (0.0, bounds) if isinstance(bounds, (int, float)) else bounds
+    def fill(window, k, columns):
+        start, end = bounds(window)
         alpha[:, k, columns] = 0
         alpha[int(start * (steps + 1)):int(end * (steps + 1)), k, columns] = 1
 
     for k in range(len(prompts) - 1):
         fill(windows["default"], k, slice(None))
-    for word, bounds in windows.items():
+    for word, window in windows.items():
         if word == "default":
             continue
         found = [(k, align.token_indices(tokenizer, p, word)) for k, p in enumerate(prompts[1:]) if word in p.split(" ")]
         if not found:
             raise InputError(f"word {word!r} of a step window is in no target prompt")
         for k, columns in found:
-            fill(bounds, k, columns)
+            fill(window, k, columns)
     return alpha[:steps]
 
 
 def self_window(steps: int, window) -> tuple[int, int]:
     """Steps whose self-attention the targets take from the source: [int(s*N), int(e*N))."""
-    start, end = (0.0, window) if isinstance(window, (int, float)) else window
+    start, end = bounds(window)
     return int(start * steps), int(end * steps)
 
 
@@ -169,6 +180,7 @@ class LocalBlend:
                  res: int = 16, subtract: list[list[str]] | None = None, start: int = 0):
         if len(words) != len(prompts):
             raise InputError(f"local blend needs one word list per prompt ({len(prompts)}), got {len(words)}")
+        check_finite("the local blend threshold", threshold)
         self.select = self.columns(tokenizer, prompts, words)
         self.subtract = self.columns(tokenizer, prompts, subtract) if subtract else None
         self.threshold, self.res, self.start = threshold, res, start

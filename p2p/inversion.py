@@ -20,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from models import InputError, ddim
 from models.checkpoint import StableDiffusion
 
+from . import check_finite
 from .output import save_tensors
 from .progress import Progress
 from .sampler import guidance_batch
@@ -61,7 +62,12 @@ def load_image(path: Path, size: int, offsets=(0, 0, 0, 0)) -> torch.Tensor:
 
 def file_hash(path: Path) -> str:
     """sha256 of the photo's bytes: an inversion file remembers which photo it inverts."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except FileNotFoundError:
+        raise InputError(f"{path} does not exist") from None
+    except OSError as e:
+        raise InputError(f"cannot read {path}: {e.strerror or e}") from None
 
 
 @torch.no_grad()
@@ -149,6 +155,7 @@ def invert(sd: StableDiffusion, z0, prompt: str, method: str = "null-text", step
     """
     if method not in METHODS:
         raise InputError(f"unknown inversion method {method!r} (one of {', '.join(METHODS)})")
+    check_finite("guidance", guidance)
     cond, null = sd.text.encode([prompt]), sd.text.encode([""])
     trajectory = ddim_inversion(sd, z0, cond, steps, progress=progress)
     if method == "ddim":
@@ -170,15 +177,16 @@ class Inversion:
 
 
 # what an inversion depends on; a cached one is reused only when every entry matches
-SETTINGS = ("prompt", "method", "steps", "guidance", "inner_steps", "size", "checkpoint", "offsets",
-            "image", "image_sha256")
+SETTINGS = ("prompt", "method", "steps", "guidance", "inner_steps", "size", "checkpoint",
+            "checkpoint_fingerprint", "offsets", "image", "image_sha256")
 
 
-def save(path: Path, inv: Inversion):
+def save(path: Path, inv: Inversion, extra: dict[str, str] | None = None):
+    """Write the inversion file; `extra` metadata (dtype, device) is recorded but never matched."""
     tensors = {"x_T": inv.x_T, "z0": inv.z0}
     if inv.null_embeddings is not None:
         tensors["null_embeddings"] = inv.null_embeddings
-    save_tensors(path, tensors, {**inv.settings, "software": "p2p invert"})
+    save_tensors(path, tensors, {**(extra or {}), **inv.settings, "software": "p2p invert"})
 
 
 def read(path: Path) -> Inversion:
@@ -193,6 +201,8 @@ def read(path: Path) -> Inversion:
     missing = [k for k in SETTINGS if k not in settings] + [k for k in ("x_T", "z0") if k not in tensors]
     if not missing and settings["method"] != "ddim" and "null_embeddings" not in tensors:
         missing = ["null_embeddings"]
+    if missing == ["checkpoint_fingerprint"]:
+        raise InputError(f"{path} was made by an older p2p that did not fingerprint the weights: invert again")
     if missing:
         raise InputError(f"{path} is not a p2p inversion file (it lacks {missing[0]})")
     steps, size = int(settings["steps"]), int(settings["size"].split("x")[0])

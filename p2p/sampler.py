@@ -7,11 +7,14 @@ import torch
 from models import InputError, ddim
 from models.checkpoint import StableDiffusion
 
+from . import check_finite
 from .progress import Progress
 
 
 def initial_noise(seed: int, height: int, width: int) -> torch.Tensor:
     """x_T [1, 4, h, w], float32 from a CPU generator: the same on every device, shared by all prompts."""
+    if not 0 <= seed < 2 ** 64:   # manual_seed's range; outside it torch raises an overflow error
+        raise InputError(f"seeds are 0 to 2**64-1, got {seed}")
     return torch.randn((1, 4, height // 8, width // 8), generator=torch.Generator("cpu").manual_seed(seed))
 
 
@@ -22,7 +25,7 @@ def guidance_batch(uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
 
 def check_size(height: int, width: int, steps: int):
     if height % 8 or width % 8 or height < 8 or width < 8:
-        raise InputError(f"height and width must be positive multiples of 8 (got {height}x{width})")
+        raise InputError(f"width and height must be positive multiples of 8 (got {width}x{height})")
     if not 1 <= steps <= ddim.TRAIN_STEPS:
         raise InputError(f"steps must be between 1 and {ddim.TRAIN_STEPS} (got {steps})")
 
@@ -40,6 +43,7 @@ def generate(sd: StableDiffusion, prompts: list[str], seed: int = 0, steps: int 
     | null_embeddings | [steps, m, width]: per-step unconditional context (null-text inversion) |
     """
     check_size(height, width, steps)
+    check_finite("guidance", guidance)
     b = len(prompts)
     cond = sd.text.encode(prompts)                                   # [b, m, width]
     uncond = sd.text.encode([negative]) if null_embeddings is None else None
