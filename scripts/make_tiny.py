@@ -204,10 +204,13 @@ def main(argv=None):
         unet_cfg, vae_cfg = UNetConfig(), VAEConfig()
         unet_sd, vae_sd, text_sd, _ = make(unet_cfg, vae_cfg, {}, args.seed, torch.float16)
         write_single_file(args.out / "sd15-random-fp16.safetensors", unet_sd, vae_sd, text_sd, unet_cfg, vae_cfg)
+        print(f"wrote {args.out / 'sd15-random-fp16.safetensors'} (random SD v1.5-shaped weights: cost only)")
         return
     unet_sd, vae_sd, text_sd, tcfg = make(TINY_UNET, TINY_VAE, TINY_TEXT, args.seed)
     write_single_file(args.out / "tiny.safetensors", unet_sd, vae_sd, text_sd, TINY_UNET, TINY_VAE)
     write_folder(args.out / "tiny-diffusers", unet_sd, vae_sd, text_sd, TINY_UNET, TINY_VAE, tcfg)
+    print(f"wrote {args.out / 'tiny.safetensors'} and {args.out / 'tiny-diffusers'}/ (random tiny SD v1: "
+          "tests only)")
 
 
 if __name__ == "__main__":

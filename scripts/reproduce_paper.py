@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 from models import InputError  # noqa: E402
-from p2p import cli  # noqa: E402
+from p2p import cli, commands  # noqa: E402
 
 MANIFEST = Path(__file__).with_name("paper_examples.json")
 
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, required=True, help="folder for the images and index.html")
     ap.add_argument("--only", help="render only the example of this name")
     ap.add_argument("--device", choices=["cpu", "cuda", "mps"])
-    ap.add_argument("--dtype", choices=list(cli.DTYPES), default="float32")
+    ap.add_argument("--dtype", choices=cli.DTYPES, default="float32")
     args = ap.parse_args(argv)
     examples = [e for e in json.loads(MANIFEST.read_text()) if args.only in (None, e["name"])]
     if not examples:
@@ -77,10 +77,10 @@ def main(argv=None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         argvs = [edit_argv(e, weights, args.out, overrides) for e in examples]
         try:
-            sd = cli.load_model(cli.parser().parse_args(argvs[0]))
+            sd = commands.load_model(cli.parse(argvs[0]))
             for ex, a in zip(examples, argvs):
                 print(f"== {ex['name']}: {ex['what']}", file=sys.stderr)
-                cli.cmd_edit(cli.parser().parse_args(a), sd)
+                commands.edit(cli.parse(a), sd)
         except InputError as e:
             print(f"reproduce_paper: error: {e}", file=sys.stderr)
             return 2

@@ -41,7 +41,8 @@ def test_token_indices_every_occurrence_and_by_number():
 def test_token_indices_missing_word():
     with pytest.raises(InputError) as e:
         token_indices(TOK, CAT, "dog")
-    assert str(e.value) == "word 'dog' is not in the prompt 'a cat riding a bicycle'"
+    assert str(e.value) == ("word 'dog' is not in the prompt 'a cat riding a bicycle' (words are split on "
+                            "spaces, punctuation stays attached: 'a', 'cat', 'riding', 'a', 'bicycle')")
     with pytest.raises(InputError, match="word 5 is not in the prompt"):
         token_indices(TOK, CAT, 5)
     with pytest.raises(InputError):                  # words match exactly, as the official code does

@@ -92,9 +92,9 @@ def test_paper_script_smoke_test_on_the_tiny_model(tmp_path):
 def test_every_paper_example_is_a_valid_edit(tmp_path):
     """Each manifest entry parses and builds its edit (all its words exist), without sampling."""
     from models.text import load_tokenizer
-    from p2p import cli
+    from p2p import cli, commands
     paper, tok = script("reproduce_paper"), load_tokenizer()
     for ex in json.loads(paper.MANIFEST.read_text()):
-        args = cli.parser().parse_args(paper.edit_argv(ex, tmp_path / "w.safetensors", tmp_path, []))
-        edit = cli.build_edit(args, tok)
+        args = cli.parse(paper.edit_argv(ex, tmp_path / "w.safetensors", tmp_path, []))
+        edit = commands.build_edit(args, tok)
         assert edit.b == 1 + len(ex["targets"]) and (edit.blend is not None) == ("blend" in ex)

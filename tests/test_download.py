@@ -191,7 +191,7 @@ def test_unreachable_hub_is_one_line_at_once(monkeypatch, tmp_path):
     from huggingface_hub import constants
     from p2p.download import download
 
-    error = ConnectionError("[Errno -2] Name or service not known\nwhile requesting HEAD https://huggingface.co")
+    error = ConnectionError("[Errno -2] Name or service not known\nwhile requesting HEAD https://hub.invalid")
     calls = _fake_hub(monkeypatch, probe_error=error)
     with pytest.raises(InputError) as caught:
         download("x/y", tmp_path)
