@@ -54,8 +54,8 @@ def device_of(name: str | None) -> str:
 def load_model(args):
     device, start = device_of(args.device), time.perf_counter()
     if args.dtype == "float16" and device == "cpu":
-        print("note: float16 on a CPU is very slow unless the CPU has float16 arithmetic (up to about 15x "
-              "float32 per step); --dtype bfloat16 is the fast half precision on CPUs", file=sys.stderr)
+        print("note: float16 on a CPU is no faster than float32 and can be far slower (about 15x on CPUs "
+              "without float16 arithmetic); --dtype bfloat16 is the fast half precision on CPUs", file=sys.stderr)
     sd = load(args.weights, device, DTYPES[args.dtype])
     print(f"loaded {sd.name} ({args.dtype}, {device}) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return sd
