@@ -44,7 +44,7 @@ def token_indices(tokenizer, prompt: str, word: str | int) -> list[int]:
     return indices
 
 
-def replace_mapper(tokenizer, source: str, target: str) -> torch.Tensor:
+def replace_mapper(tokenizer, source: str, target: str, official: bool = False) -> torch.Tensor:
     """Word-swap token mapper M [m, m]: target column j = sum_i source column i * M[i, j].
 
     Words at the same position with the same number of tokens (unchanged or swapped) map
@@ -57,6 +57,11 @@ def replace_mapper(tokenizer, source: str, target: str) -> torch.Tensor:
     (end token and padding included) maps to the wrong source column. We keep M[i, j];
     when the target is shorter, its last padding columns, which have no source column
     left, take the source's last one (padding too), so every target column is fed.
+
+    `official=True` is the authors' mapper, for exact reproduction of their images: from the
+    first token after the last swapped word, M[j, j] = 1 for as long as both walks stay inside
+    the 77 tokens, so a longer source word leaves the target's last columns unfed. The two
+    differ only when a swapped word's token counts differ.
     """
     src, tgt = source.split(" "), target.split(" ")
     if len(src) != len(tgt):
@@ -65,17 +70,24 @@ def replace_mapper(tokenizer, source: str, target: str) -> torch.Tensor:
     mapper = torch.zeros(MAX_TOKENS, MAX_TOKENS)
     mapper[0, 0] = 1                                        # start token
     src_tokens, tgt_tokens = word_tokens(tokenizer, source), word_tokens(tokenizer, target)
-    for s, t in zip(src_tokens, tgt_tokens):
+    # words mapped word by word: all of them, or with official only up to the last swapped one
+    last_swap = max((k for k, (a, b) in enumerate(zip(src, tgt)) if a != b), default=-1)
+    tail = last_swap + 1 if official else len(src)
+    for s, t in zip(src_tokens[:tail], tgt_tokens[:tail]):
         if len(s) == len(t):
             mapper[s, t] = 1                                # pairs s[k] -> t[k]
         elif not s or not t:
             raise InputError(f"a swapped word has no tokens (two spaces in a row?): {source!r} -> {target!r}")
         else:
             mapper[torch.tensor(s)[:, None], torch.tensor(t)] = 1 / len(t)
-    # End token and padding: i walks the source, j the target, together to the end of the target.
-    i, j = 1 + sum(map(len, src_tokens)), 1 + sum(map(len, tgt_tokens))
-    while j < MAX_TOKENS:
-        mapper[min(i, MAX_TOKENS - 1), j] = 1
+    # The rest (end token and padding; with official, every token after the last swap): i walks
+    # the source, j the target, together to the end of the target.
+    i, j = 1 + sum(map(len, src_tokens[:tail])), 1 + sum(map(len, tgt_tokens[:tail]))
+    while j < MAX_TOKENS and (i < MAX_TOKENS or not official):
+        if official:
+            mapper[j, j] = 1                                # the authors' seq_aligner: M[j, j]
+        else:
+            mapper[min(i, MAX_TOKENS - 1), j] = 1
         i, j = i + 1, j + 1
     return mapper
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 DTYPES = ("float32", "float16", "bfloat16")
+SAMPLERS = ("ddim", "plms")                          # p2p/sampler.py's
 METHODS = ("null-text", "negative-prompt", "ddim")   # p2p/inversion.py's, kept here to stay light
 DEFAULT_REPO = "CompVis/stable-diffusion-v1-4"       # the checkpoint of the paper's SD figures
 MAX_SEED = 2 ** 64 - 1                               # torch.Generator.manual_seed's range
@@ -55,6 +56,13 @@ def seed(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     if not 0 <= value <= MAX_SEED:
         raise argparse.ArgumentTypeError(f"seeds are 0 to 2**64-1, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    value = finite(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"a fraction of the steps lies in [0, 1], got {text}")
     return value
 
 
@@ -113,7 +121,9 @@ def add_model_args(p: argparse.ArgumentParser):
 def add_sampling_args(p: argparse.ArgumentParser):
     p.add_argument("--seed", type=seed, default=0, help="seed of the shared initial noise, 0 to 2**64-1 "
                    "(default 0)")
-    p.add_argument("--steps", type=at_least(1), default=50, help="DDIM steps, 1 to 1000 (default 50)")
+    p.add_argument("--steps", type=at_least(1), default=50, help="sampling steps, 1 to 1000 (default 50)")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="ddim (default), or plms: the official "
+                   "SD notebook's scheduler (PNDM without Runge-Kutta steps), N + 1 UNet calls for N steps")
     p.add_argument("--guidance", type=finite, default=7.5, help="classifier-free guidance scale (default 7.5)")
     p.add_argument("--height", type=at_least(8), default=512, help="image height, a multiple of 8 (default 512)")
     p.add_argument("--width", type=at_least(8), default=512, help="image width, a multiple of 8 (default 512)")
@@ -161,6 +171,14 @@ def parser() -> argparse.ArgumentParser:
                    "(default 0.3)")
     p.add_argument("--blend-res", type=at_least(1), default=16, help="resolution of the cross-attention maps "
                    "local blend reads (default 16, the paper's choice at 512 px)")
+    p.add_argument("--blend-start", type=fraction, default=0.0, metavar="F", help="blend only from update "
+                   "int(F * steps) on (default 0, every update; the null-text notebook uses 0.2)")
+    p.add_argument("--blend-subtract", nargs="+", action="extend", default=[], metavar="WORDS",
+                   help="local blend: remove these words' regions from the mask; one comma-separated list "
+                   "per prompt, source first (the null-text notebook's substruct_words)")
+    p.add_argument("--replace-mapper", choices=["aligned", "official"], default="aligned",
+                   help="replace: aligned (default) keeps the tokens after a swapped word aligned; official "
+                   "is the authors' mapper, which shifts them when the swapped words' token counts differ")
     p.add_argument("--reweight", nargs="+", action="extend", default=[], metavar="WORD=SCALE",
                    help="scale a target word's attention (negative allowed); stacks on replace/refine")
     add_sampling_args(p)

@@ -64,7 +64,7 @@ def load_model(args):
 def run_metadata(args, sd, height: int, width: int) -> dict[str, str]:
     """What every output records of how it was made (sizes are WIDTHxHEIGHT everywhere)."""
     return {"seed": str(args.seed), "steps": str(args.steps), "guidance": str(args.guidance),
-            "size": f"{width}x{height}", "sampler": "ddim", "checkpoint": sd.name,
+            "size": f"{width}x{height}", "sampler": getattr(args, "sampler", "ddim"), "checkpoint": sd.name,
             "checkpoint_fingerprint": sd.fingerprint, "dtype": args.dtype, "device": str(sd.device),
             "software": f"p2p {args.command}"}
 
@@ -82,7 +82,7 @@ def generate(args):
                   {"--weights": args.weights})
     sd = load_model(args)
     latents = sampler.generate(sd, args.prompt, args.seed, args.steps, args.guidance, args.height, args.width,
-                               args.negative)
+                               args.negative, sampler=args.sampler)
     images = output.to_pil(sampler.decode(sd, latents))
     metadata = {"prompts": text(args.prompt), "negative": args.negative, **run_metadata(args, sd, args.height,
                                                                                          args.width)}
@@ -99,7 +99,7 @@ def build_edit(args, tokenizer):
     """The PromptToPrompt edit the flags describe; every word is checked here, before any sampling."""
     prompts = [args.source, *args.target]
     if args.mode == "replace":
-        cross = edits.Replace(tokenizer, prompts)
+        cross = edits.Replace(tokenizer, prompts, official=args.replace_mapper == "official")
     elif args.mode == "refine":
         cross = edits.Refine(tokenizer, prompts)
     else:
@@ -108,10 +108,16 @@ def build_edit(args, tokenizer):
         cross = None
     if args.reweight:
         cross = edits.Reweight(tokenizer, prompts, args.reweight, prev=cross)
+    if args.replace_mapper != "aligned" and args.mode != "replace":
+        raise InputError(f"--replace-mapper is the word swap's; --mode {args.mode} has no replace mapper")
     blend = None
+    words = lambda groups: [[w for w in group.split(",") if w] for group in groups]
     if args.blend:
-        words = [[w for w in group.split(",") if w] for group in args.blend]
-        blend = edits.LocalBlend(tokenizer, prompts, words, args.blend_threshold, args.blend_res)
+        blend = edits.LocalBlend(tokenizer, prompts, words(args.blend), args.blend_threshold, args.blend_res,
+                                 subtract=words(args.blend_subtract) or None,
+                                 start=int(args.blend_start * args.steps))
+    elif args.blend_subtract or args.blend_start:
+        raise InputError("--blend-subtract and --blend-start shape a local blend: give --blend WORDS too")
     return edits.PromptToPrompt(tokenizer, prompts, args.steps, cross, {"default": args.cross_steps,
                                                                         **args.word_steps},
                                 args.self_steps, args.self_max_tokens, blend,
@@ -136,6 +142,9 @@ def edit(args, sd=None):
     edit = build_edit(args, tokenizer)
     if args.inversion is not None and args.image is None:
         raise InputError("--inversion needs the --image it was made from")
+    if args.image is not None and args.sampler != "ddim":
+        raise InputError(f"--sampler {args.sampler} cannot edit a photo: its inversion walks DDIM's steps "
+                         "backwards, so the edit must sample them forwards with --sampler ddim")
     photo = cli_photo.prepare(args) if args.image is not None else None
     check_outputs({"--out": (args.out, "image"), "--latents-out": (args.latents_out, "tensors"),
                    "--maps-out": (args.maps_out, "image"),
@@ -152,18 +161,20 @@ def edit(args, sd=None):
         inv = cli_photo.photo_inversion(sd, args, photo)
         start = {"x_T": inv.x_T, "null_embeddings": inv.null_embeddings}
     latents = sampler.generate(sd, prompts, args.seed, args.steps, args.guidance, args.height, args.width,
-                               edit=edit, **start)
+                               edit=edit, sampler=args.sampler, **start)
     images = output.to_pil(sampler.decode(sd, latents))
     metadata = {"source": args.source, "targets": text(args.target), "mode": args.mode,
                 "cross_steps": text(args.cross_steps), "word_steps": text(args.word_steps),
                 "self_steps": text(args.self_steps), "self_max_tokens": str(args.self_max_tokens),
                 "blend": text(args.blend), "blend_threshold": str(args.blend_threshold),
-                "blend_res": str(args.blend_res), "reweight": text(args.reweight),
+                "blend_res": str(args.blend_res), "blend_start": str(args.blend_start),
+                "blend_subtract": text(args.blend_subtract), "replace_mapper": args.replace_mapper,
+                "reweight": text(args.reweight),
                 **run_metadata(args, sd, args.height, args.width)}
     row, labels = images, prompts
     if photo is not None:   # the photo first, then its reconstruction (the source row) and the edits
         metadata |= {"image": str(args.image), "inversion_method": inv.settings["method"]}
-        row, labels = output.to_pil(photo.image) + images, ["photo", *prompts]
+        row, labels = output.to_pil(photo.image, truncate=False) + images, ["photo", *prompts]
         cli_photo.report_latents(inv, latents)
     if args.latents_out is not None:
         output.save_tensors(args.latents_out, {"latents": latents}, metadata)
@@ -179,7 +190,8 @@ def edit(args, sd=None):
 # ---- p2p maps --------------------------------------------------------------------------
 
 def steps_range(text: str, steps: int) -> tuple[int, int]:
-    """"a:b" -> (a, b), the half-open range of step indices; "" -> every step."""
+    """"a:b" -> (a, b), the half-open range of step indices (UNet calls: N + 1 under PLMS);
+    "" -> every step."""
     if not text:
         return 0, steps
     try:
@@ -195,14 +207,14 @@ def maps(args):
     sampler.check_size(args.height, args.width, args.steps)
     tokenizer = load_tokenizer()
     check_prompts(tokenizer, [args.prompt])
-    window = steps_range(args.steps_range, args.steps)
+    window = steps_range(args.steps_range, sampler.calls(args.sampler, args.steps))
     check_outputs({"--out": (args.out, "image")}, {"--weights": args.weights})
     sd = load_model(args)
     check_resolution(sd, args.height, args.width, args.res, "--res")
     store = edits.AttentionStore(edits.Sites(places=("down", "up"), resolutions=(args.res,),
                                              self=args.components > 0, steps=window))
     latents = sampler.generate(sd, [args.prompt], args.seed, args.steps, args.guidance, args.height, args.width,
-                               edit=store)
+                               edit=store, sampler=args.sampler)
     images = output.to_pil(sampler.decode(sd, latents))
     metadata = {"prompt": args.prompt, "res": str(args.res), "steps_range": f"{window[0]}:{window[1]}",
                 "components": str(args.components), **run_metadata(args, sd, args.height, args.width)}

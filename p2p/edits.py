@@ -54,10 +54,11 @@ ALL = Sites()
 # ---- cross-attention edits: E from the source's maps ------------------------------------
 
 class Replace:
-    """Word swap: E = source maps through the 77x77 token mapper of each target."""
+    """Word swap: E = source maps through the 77x77 token mapper of each target (`official`: the
+    authors' mapper, see align.replace_mapper)."""
 
-    def __init__(self, tokenizer, prompts: list[str]):
-        self.mappers = torch.stack([align.replace_mapper(tokenizer, prompts[0], p) for p in prompts[1:]])
+    def __init__(self, tokenizer, prompts: list[str], official: bool = False):
+        self.mappers = torch.stack([align.replace_mapper(tokenizer, prompts[0], p, official) for p in prompts[1:]])
 
     def __call__(self, src, tgt):   # src [heads, n, m], tgt [k, heads, n, m] -> [k, heads, n, m]
         return torch.einsum("hni,kij->khnj", src, self.mappers.to(src))
@@ -109,11 +110,12 @@ def bounds(window) -> tuple[float, float]:
 
 
 def cross_alphas(tokenizer, prompts: list[str], steps: int, windows) -> torch.Tensor:
-    """alpha [steps, k, m]: 1 where target k's token column is edited at step i.
+    """alpha [steps + 1, k, m]: 1 where target k's token column is edited at step i.
 
     `windows` is a fraction (edit the first part), a (start, end) pair, or a dict of those
     with a "default" entry and per-word entries. Like the official code, the table has
-    steps + 1 rows, so a window (s, e) covers int(s*(steps+1)) <= i < int(e*(steps+1)).
+    steps + 1 rows, so a window (s, e) covers int(s*(steps+1)) <= i < int(e*(steps+1)); DDIM
+    reads rows 0..N-1, PLMS (N + 1 UNet calls) all of them.
     """
     if not isinstance(windows, dict):
         windows = {"default": windows}
@@ -135,7 +137,7 @@ def cross_alphas(tokenizer, prompts: list[str], steps: int, windows) -> torch.Te
             raise InputError(f"word {word!r} of a step window is in no target prompt")
         for k, columns in found:
             fill(window, k, columns)
-    return alpha[:steps]
+    return alpha
 
 
 def self_window(steps: int, window) -> tuple[int, int]:

@@ -36,9 +36,14 @@ WEBP_MAX_SIDE = 16383  # libwebp's limit, in pixels
 EXIF_IMAGE_DESCRIPTION = 0x010E  # the EXIF tag a WebP file carries the metadata JSON in
 
 
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """[b, 3, h, w] in [-1, 1], any dtype or device -> b PIL RGB images."""
-    pixels = ((images.detach().float().cpu() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+def to_pil(images: torch.Tensor, truncate: bool = True) -> list[Image.Image]:
+    """[b, 3, h, w] in [-1, 1], any dtype or device -> b PIL RGB images.
+
+    8 bits as the official notebooks make them, (x / 2 + 0.5).clamp(0, 1) * 255 truncated, so a
+    PNG compares pixel for pixel with theirs. `truncate=False` rounds instead, which gives an
+    8-bit photo's own pixels back (truncation would lower a quarter of its values by one)."""
+    pixels = (images.detach().float().cpu() / 2 + 0.5).clamp(0, 1) * 255
+    pixels = (pixels if truncate else pixels.round()).to(torch.uint8)   # float -> uint8 truncates
     return [Image.fromarray(x.permute(1, 2, 0).numpy()) for x in pixels]  # [h, w, 3] each
 
 

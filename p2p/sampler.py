@@ -4,11 +4,19 @@ Letters: b batch (prompts), h w latent size (image size / 8), m = 77 tokens.
 """
 import torch
 
-from models import InputError, ddim
+from models import InputError, ddim, plms
 from models.checkpoint import StableDiffusion
 
 from . import check_finite
 from .progress import Progress
+
+# A sampler is a module with schedule(steps) and sample(denoise, x, schedule, after_step).
+SAMPLERS = {"ddim": ddim, "plms": plms}
+
+
+def calls(sampler: str, steps: int) -> int:
+    """UNet calls (the edit's step indices) of `steps` steps: N for DDIM, N + 1 for PLMS."""
+    return len(SAMPLERS[sampler].timesteps(steps))
 
 
 def initial_noise(seed: int, height: int, width: int) -> torch.Tensor:
@@ -33,7 +41,7 @@ def check_size(height: int, width: int, steps: int):
 @torch.no_grad()
 def generate(sd: StableDiffusion, prompts: list[str], seed: int = 0, steps: int = 50, guidance: float = 7.5,
              height: int = 512, width: int = 512, negative: str = "", edit=None, x_T=None,
-             null_embeddings=None, progress: bool = True) -> torch.Tensor:
+             null_embeddings=None, sampler: str = "ddim", progress: bool = True) -> torch.Tensor:
     """Sample latents for each prompt from one shared x_T; returns float32 [b, 4, h, w].
 
     | prompts         | the batch; with an edit, [source, target, ...]                    |
@@ -41,7 +49,13 @@ def generate(sd: StableDiffusion, prompts: list[str], seed: int = 0, steps: int 
     | edit            | an attention edit (see p2p/edits.py), or None for plain sampling  |
     | x_T             | start latents [1, 4, h, w]; default `initial_noise(seed, ...)`    |
     | null_embeddings | [steps, m, width]: per-step unconditional context (null-text inversion) |
+    | sampler         | "ddim", or "plms" (the official notebook's): N + 1 UNet calls, the edit's |
+    |                 | step counts calls 0..N                                                |
     """
+    if sampler not in SAMPLERS:
+        raise InputError(f"unknown sampler {sampler!r}: choose from {', '.join(SAMPLERS)}")
+    if sampler != "ddim" and null_embeddings is not None:
+        raise InputError("null embeddings belong to a DDIM inversion; edit an inverted photo with sampler ddim")
     check_size(height, width, steps)
     check_finite("guidance", guidance)
     b = len(prompts)
@@ -60,7 +74,8 @@ def generate(sd: StableDiffusion, prompts: list[str], seed: int = 0, steps: int 
         return eps_uncond + guidance * (eps_cond - eps_uncond)
 
     after = getattr(edit, "after_step", None)
-    return ddim.sample(denoise, x, Progress(ddim.schedule(steps), desc="sampling", enabled=progress), after)
+    method = SAMPLERS[sampler]
+    return method.sample(denoise, x, Progress(method.schedule(steps), desc="sampling", enabled=progress), after)
 
 
 @torch.no_grad()

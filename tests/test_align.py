@@ -92,6 +92,51 @@ def test_replace_three_tokens_by_one_in_the_middle():
     assert m.sum(0).tolist() == [1.0, 1.0, 3.0] + [1.0] * 74
 
 
+def test_official_mapper_one_token_by_three_in_the_middle():
+    # source <s> a burger on a table </s>      : burger 2, on 3, a 4, table 5, </s> 6
+    # target <s> a ti ram isu on a table </s>  : tiramisu 2 3 4, on 5, a 6, table 7, </s> 8
+    # The authors' walk: i = j = 0, 1 one to one; the swap sends 2 -> 2, 3, 4 (1/3 each) and jumps
+    # to i = 3, j = 5; after the last swap it sets M[j, j] while i, j < 77: j = 5..76 (i = 3..74).
+    m = replace_mapper(TOK, "a burger on a table", "a tiramisu on a table", official=True)
+    expected = torch.zeros(77, 77)
+    expected[0, 0] = expected[1, 1] = 1
+    expected[2, [2, 3, 4]] = 1 / 3
+    for j in range(5, 77):
+        expected[j, j] = 1                           # "on" (source 3) is read from source column 5
+    assert torch.equal(m, expected)
+    aligned = replace_mapper(TOK, "a burger on a table", "a tiramisu on a table")
+    assert aligned[3, 5] == 1 and aligned[5, 5] == 0 and not torch.equal(aligned, m)
+
+
+def test_official_mapper_three_tokens_by_one_leaves_the_last_columns_unfed():
+    # source <s> a ti ram isu on a table </s>, target <s> a burger on a table </s>: after the swap
+    # i = 5, j = 3; M[j, j] for j = 3..74 while i = 5..76 < 77; target columns 75, 76 get nothing.
+    m = replace_mapper(TOK, "a tiramisu on a table", "a burger on a table", official=True)
+    expected = torch.zeros(77, 77)
+    expected[0, 0] = expected[1, 1] = 1
+    expected[[2, 3, 4], 2] = 1
+    for j in range(3, 75):
+        expected[j, j] = 1
+    assert torch.equal(m, expected)
+    assert m[:, 75:].sum() == 0
+
+
+def test_official_mapper_equals_ours_when_token_counts_agree():
+    for target in ("a dog riding a bicycle", "a cat riding a car", "a dog riding a car"):
+        assert torch.equal(replace_mapper(TOK, CAT, target, official=True), replace_mapper(TOK, CAT, target))
+    assert torch.equal(replace_mapper(TOK, CAT, CAT, official=True), torch.eye(77))   # nothing swapped
+
+
+def test_official_mapper_maps_one_to_one_between_swaps():
+    # two swaps: the words between them are walked with i != j, one to one (M[i, j]); M[j, j] only
+    # after the last one. source <s> a tiramisu and a cat </s>: tiramisu 2-4, and 5, a 6, cat 7
+    # target <s> a burger and a dog </s>: burger 2, and 3, a 4, dog 5, </s> 6
+    m = replace_mapper(TOK, "a tiramisu and a cat", "a burger and a dog", official=True)
+    assert m[[2, 3, 4], 2].tolist() == [1, 1, 1]
+    assert m[5, 3] == 1 and m[6, 4] == 1 and m[7, 5] == 1     # between and at the last swap: aligned
+    assert m[6, 6] == 1 and m[8, 6] == 0                        # after it: M[j, j], so </s> reads column 6
+
+
 def test_replace_needs_same_word_count():
     with pytest.raises(InputError, match="source has 5 and the target 6"):
         replace_mapper(TOK, CAT, "a cat riding a red bicycle")

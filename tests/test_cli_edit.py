@@ -72,6 +72,14 @@ def test_maps_command(tiny_file, tmp_path, capsys):
     (["--mode", "reweight", "--target", CAT], "--mode reweight needs at least one --reweight"),
     (["--mode", "replace", "--target", DOG, "--blend", "cat", "dog", "--blend-res", "32"],
      "--blend-res 32: at 128x128 this model has down/up cross-attention at resolutions [16, 8, 4] only"),
+    (["--mode", "refine", "--target", "a cat riding a red bicycle", "--replace-mapper", "official"],
+     "--mode refine has no replace mapper"),
+    (["--mode", "replace", "--target", DOG, "--blend-subtract", "cat", "dog"], "give --blend WORDS too"),
+    (["--mode", "replace", "--target", DOG, "--blend", "cat", "dog", "--blend-start", "1.5"],
+     "a fraction of the steps lies in [0, 1], got 1.5"),
+    (["--mode", "replace", "--target", DOG, "--blend", "cat", "dog", "--blend-subtract", "cow", "dog"],
+     "word 'cow' is not in the prompt"),
+    (["--mode", "replace", "--target", DOG, "--sampler", "euler"], "argument --sampler: invalid choice"),
 ])
 def test_bad_edit_input_is_one_line_before_sampling(argv, words, tiny_file, tmp_path, capsys):
     out = tmp_path / "e.png"
@@ -80,6 +88,28 @@ def test_bad_edit_input_is_one_line_before_sampling(argv, words, tiny_file, tmp_
     assert words in err and "sampling" not in err, err
     assert err.strip().splitlines()[-1].startswith("p2p edit: error:") and "Traceback" not in err
     assert not out.exists()
+
+
+def test_plms_edit_records_its_sampler_mapper_and_blend(tiny_file, tmp_path, capsys):
+    out, lat = tmp_path / "e.png", tmp_path / "e.safetensors"
+    words = ["--source", "a squirrel eating a burger", "--target", "a squirrel eating a tiramisu",
+             "--mode", "replace", "--blend", "burger", "tiramisu", "--blend-threshold", "0.75"]
+    code, err = run(capsys, "edit", "--weights", tiny_file, *words, "--sampler", "plms", "--replace-mapper",
+                    "official", "--blend-start", "0.5", "--blend-subtract", "squirrel", "squirrel", *FAST,
+                    "--out", out, "--latents-out", lat)
+    assert code == 0, err
+    assert "sampling  5/5" in err                               # 4 steps, 5 UNet calls
+    meta = Image.open(out).text
+    assert (meta["sampler"], meta["replace_mapper"], meta["blend_start"]) == ("plms", "official", "0.5")
+    assert json.loads(meta["blend_subtract"]) == ["squirrel", "squirrel"]
+    latents = {}
+    for extra in ([], ["--blend-subtract", "squirrel", "squirrel"]):   # the subtraction changes the result
+        code, err = run(capsys, "edit", "--weights", tiny_file, *words, "--sampler", "plms", "--blend-start", "0.5",
+                        *extra, *FAST, "--out", out, "--latents-out", lat)
+        assert code == 0, err
+        latents[bool(extra)] = load_file(lat)["latents"]
+    assert not torch.equal(latents[True], latents[False])
+    assert torch.equal(latents[True][0], latents[False][0])      # never the source
 
 
 def test_paper_script_smoke_test_on_the_tiny_model(tmp_path):

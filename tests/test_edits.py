@@ -25,8 +25,9 @@ def probs(b=2, heads=2, n=16, m=77, seed=0):
 
 def test_cross_window_has_n_plus_one_rows_like_the_official_table():
     a = edits.cross_alphas(TOK, [CAT, DOG], 50, 0.8)
-    assert a.shape == (50, 1, 77)
+    assert a.shape == (51, 1, 77)                              # DDIM reads rows 0..49, PLMS all 51
     assert a[:40].eq(1).all() and a[40:].eq(0).all()          # int(0.8 * 51) = 40: steps 0..39
+    assert edits.cross_alphas(TOK, [CAT, DOG], 50, 1.0).eq(1).all()   # the whole window: PLMS's call 50 too
     a = edits.cross_alphas(TOK, [CAT, DOG], 50, (0.2, 0.6))
     assert a[:, 0, 0].nonzero().flatten().tolist() == list(range(10, 30))   # int(.2*51)=10, int(.6*51)=30
 
@@ -34,9 +35,9 @@ def test_cross_window_has_n_plus_one_rows_like_the_official_table():
 def test_per_word_windows_change_only_that_words_columns():
     a = edits.cross_alphas(TOK, [CAT, DOG, "a horse riding a bicycle"], 10, {"default": 0.8, "dog": (0.0, 0.4)})
     # 11 rows: default covers steps 0..7 (int(.8*11)=8), "dog" (token 2 of target 0) steps 0..3 (int(.4*11)=4)
-    assert a[:, 0, 2].tolist() == [1, 1, 1, 1, 0, 0, 0, 0, 0, 0]
-    assert a[:, 0, 3].tolist() == [1] * 8 + [0, 0]
-    assert a[:, 1, 2].tolist() == [1] * 8 + [0, 0]              # "dog" is not in target 1
+    assert a[:, 0, 2].tolist() == [1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0]
+    assert a[:, 0, 3].tolist() == [1] * 8 + [0, 0, 0]
+    assert a[:, 1, 2].tolist() == [1] * 8 + [0, 0, 0]           # "dog" is not in target 1
     with pytest.raises(InputError, match="'zebra' of a step window is in no target"):
         edits.cross_alphas(TOK, [CAT, DOG], 10, {"default": 0.8, "zebra": 0.3})
 

@@ -213,6 +213,7 @@ def test_edit_from_an_inversion_file(tiny_file, photo, inverted, tmp_path, capsy
     (["--image", "{photo}", "--inversion", "{photo}"], "cannot read"),
     (["--image", "{photo}", "--width", "128"], "photos are edited square"),
     (["--image", "{photo}", "--offsets", "1,2,3"], "--offsets"),
+    (["--image", "{photo}", "--sampler", "plms"], "--sampler plms cannot edit a photo: its inversion walks DDIM"),
 ])
 def test_bad_photo_edits_are_one_line_before_sampling(argv, words, tiny_file, photo, inverted, tmp_path, capsys):
     save_file({k: -v for k, v in load_file(tiny_file).items()}, tmp_path / "other.safetensors")   # other weights

@@ -30,9 +30,21 @@ def test_to_pil_exact_values():
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         (image,) = to_pil(images.to(dtype))
         assert image.mode == "RGB" and image.size == (7, 1)
-        # 0 -> 127.5 rounds half to even: 128; 0.5 -> 191.25 -> 191; -0.5 -> 63.75 -> 64; out of range clamps.
-        assert np.array(image)[0, :, 0].tolist() == [0, 255, 128, 0, 255, 191, 64]
+        # truncated as the notebooks' astype(np.uint8): 0 -> 127.5 -> 127; 0.5 -> 191.25 -> 191;
+        # -0.5 -> 63.75 -> 63; out of range clamps
+        assert np.array(image)[0, :, 0].tolist() == [0, 255, 127, 0, 255, 191, 63]
         assert (np.array(image) == np.array(image)[:, :, :1]).all()
+        (rounded,) = to_pil(images.to(dtype), truncate=False)   # 127.5 rounds half to even: 128
+        assert np.array(rounded)[0, :, 0].tolist() == [0, 255, 128, 0, 255, 191, 64]
+
+
+def test_to_pil_truncates_as_numpy_does_and_rounds_photos_back_to_their_pixels():
+    x = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2.2 - 1.1
+    notebook = ((x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8)[0]
+    assert np.array_equal(np.array(to_pil(x)[0]), notebook)
+    photo = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16).expand(1, 3, 16, 16)
+    (back,) = to_pil(photo.float() / 127.5 - 1, truncate=False)
+    assert np.array_equal(np.array(back)[..., 0], photo[0, 0].numpy())
 
 
 def test_to_pil_batch_and_channel_order():
