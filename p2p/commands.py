@@ -75,12 +75,13 @@ def wrote(path: Path):
 
 # ---- p2p generate ----------------------------------------------------------------------
 
-def generate(args):
+def generate(args, sd=None):
+    """`p2p generate`; `sd` is an already loaded model (scripts/reproduce_paper.py runs many)."""
     sampler.check_size(args.height, args.width, args.steps)
     check_prompts(load_tokenizer(), args.prompt + [args.negative])   # before the slow load
     check_outputs({"--out": (args.out, "image"), "--latents-out": (args.latents_out, "tensors")},
                   {"--weights": args.weights})
-    sd = load_model(args)
+    sd = sd or load_model(args)
     latents = sampler.generate(sd, args.prompt, args.seed, args.steps, args.guidance, args.height, args.width,
                                args.negative, sampler=args.sampler)
     images = output.to_pil(sampler.decode(sd, latents))
@@ -203,13 +204,13 @@ def steps_range(text: str, steps: int) -> tuple[int, int]:
     return a, b
 
 
-def maps(args):
+def maps(args, sd=None):
     sampler.check_size(args.height, args.width, args.steps)
     tokenizer = load_tokenizer()
     check_prompts(tokenizer, [args.prompt])
     window = steps_range(args.steps_range, sampler.calls(args.sampler, args.steps))
     check_outputs({"--out": (args.out, "image")}, {"--weights": args.weights})
-    sd = load_model(args)
+    sd = sd or load_model(args)
     check_resolution(sd, args.height, args.width, args.res, "--res")
     store = edits.AttentionStore(edits.Sites(places=("down", "up"), resolutions=(args.res,),
                                              self=args.components > 0, steps=window))

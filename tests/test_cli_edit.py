@@ -114,17 +114,48 @@ def test_plms_edit_records_its_sampler_mapper_and_blend(tiny_file, tmp_path, cap
 
 def test_paper_script_smoke_test_on_the_tiny_model(tmp_path):
     paper = script("reproduce_paper")
-    assert paper.main(["--tiny", "--only", "squirrel-lasagna", "--out", str(tmp_path)]) == 0
-    assert (tmp_path / "squirrel-lasagna.png").is_file() and (tmp_path / "squirrel-lasagna-maps.png").is_file()
-    assert "squirrel-lasagna.png" in (tmp_path / "index.html").read_text()
+    assert paper.main(["--tiny", "--only", "squirrel-lasagna", "--only", "stable-10-lasagne-local",
+                       "--only", "nulltext-08-tiger", "--out", str(tmp_path)]) == 0
+    for name in ("squirrel-lasagna", "stable-10-lasagne-local"):
+        assert (tmp_path / f"{name}.png").is_file() and (tmp_path / f"{name}-maps.png").is_file()
+    baseline = Image.open(tmp_path / "stable-10-lasagne-local-baseline.png")   # run_baseline=True: no edit
+    edited = Image.open(tmp_path / "stable-10-lasagne-local.png")
+    assert baseline.text["software"] == "p2p generate" and edited.text["software"] == "p2p edit"
+    assert (edited.text["sampler"], edited.text["replace_mapper"], edited.text["seed"]) == ("plms", "official", "8888")
+    page = (tmp_path / "index.html").read_text()
+    assert "squirrel-lasagna.png" in page and "stable-10-lasagne-local-baseline.png" in page
+    assert "p2p generate --weights" in page and "--sampler plms" in page and "--word-steps lasagne=0.2" in page
+    assert "skipped: needs the photo gnochi_mirror.jpeg in --photos" in page
+    assert not (tmp_path / "nulltext-08-tiger.png").exists()
 
 
-def test_every_paper_example_is_a_valid_edit(tmp_path):
-    """Each manifest entry parses and builds its edit (all its words exist), without sampling."""
+def test_every_manifest_entry_is_a_valid_command(tmp_path):
+    """Each entry of both manifests parses and, for edits, builds its edit (all its words exist), without sampling."""
     from models.text import load_tokenizer
     from p2p import cli, commands
     paper, tok = script("reproduce_paper"), load_tokenizer()
-    for ex in json.loads(paper.MANIFEST.read_text()):
-        args = cli.parse(paper.edit_argv(ex, tmp_path / "w.safetensors", tmp_path, []))
-        edit = commands.build_edit(args, tok)
-        assert edit.b == 1 + len(ex["targets"]) and (edit.blend is not None) == ("blend" in ex)
+    for manifest in paper.MANIFESTS:
+        for ex in paper.load(manifest)["examples"]:
+            runs = paper.commands_of(ex, tmp_path / "w.safetensors", tmp_path, tmp_path, [])
+            assert list(runs)[-1] == f"{ex['name']}.png" and len(runs) == 1 + bool(ex.get("baseline"))
+            for argv in runs.values():
+                args = cli.parse(argv)
+                if args.command == "edit":
+                    edit = commands.build_edit(args, tok)
+                    assert edit.b == 1 + len(ex["targets"]) and (edit.blend is not None) == ("blend" in ex)
+
+
+def test_the_official_manifest_covers_every_rendering_cell_as_the_notebooks_set_them():
+    examples = script("reproduce_paper").load("official")["examples"]
+    stable = [e for e in examples if e["notebook"] == "prompt-to-prompt_stable.ipynb"]
+    null_text = [e for e in examples if e["notebook"] == "null_text_w_ptp.ipynb"]
+    assert [e["cell"] for e in stable] == list(range(6, 21)) and [e["cell"] for e in null_text] == [8, 9, 10]
+    for e in stable:   # the checkpoint's PNDM, x_t from manual_seed(8888), 50 steps at 7.5, blend from update 0
+        assert (e["sampler"], e["seed"], e["steps"], e["guidance"]) == ("plms", 8888, 50, 7.5)
+        assert "blend_start" not in e and "self_max_tokens" not in e
+        assert e.get("replace_mapper") == ("official" if e.get("mode") == "replace" else None)
+    for e in null_text:   # DDIM from the photo's null-text inversion, blend from update int(0.2 * 50)
+        assert (e["sampler"], e["image"], e["offsets"], e["self_max_tokens"]) == ("ddim", "gnochi_mirror.jpeg",
+                                                                                 "0,0,200,0", 1024)
+        assert e.get("blend_start", 0.2) == 0.2 and e["method"] == "null-text"
+    assert [e["name"] for e in examples if e.get("baseline")] == ["stable-07-lion", "stable-10-lasagne-local"]
