@@ -211,7 +211,8 @@ def parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--prompt", required=True, help="the prompt whose image and token maps are drawn")
     p.add_argument("--res", type=at_least(1), default=16, help="resolution of the maps averaged (default 16)")
-    p.add_argument("--steps-range", default="", metavar="A:B", help="average over steps A..B-1 (default all)")
+    p.add_argument("--steps-range", default="", metavar="A:B", help="average over steps A..B-1 (UNet calls "
+                   "under plms; default all)")
     add_sampling_args(p)
     p.add_argument("--out", type=Path, required=True, help="image: the image, then one map per token")
     p.add_argument("--components", type=at_least(0), default=0, metavar="N",
