@@ -245,7 +245,10 @@ def main(argv=None) -> int:
     except SystemExit as e:   # --help, or a usage error already printed in one line
         return e.code or 0
     try:
-        # torch and the models load here, after parsing, inside the Ctrl-C and error handling
+        # torch and the models load here, after parsing, inside the Ctrl-C and error handling.
+        # numpy first: torch's C start-up imports it and clears any error that import raises,
+        # so a Ctrl-C landing there would be lost (the run would go on to the end).
+        import numpy  # noqa: F401
         import torch
         from models import InputError
 

@@ -64,7 +64,7 @@ def load_model(args):
 def run_metadata(args, sd, height: int, width: int) -> dict[str, str]:
     """What every output records of how it was made (sizes are WIDTHxHEIGHT everywhere)."""
     return {"seed": str(args.seed), "steps": str(args.steps), "guidance": str(args.guidance),
-            "size": f"{width}x{height}", "sampler": getattr(args, "sampler", "ddim"), "checkpoint": sd.name,
+            "size": f"{width}x{height}", "sampler": args.sampler, "checkpoint": sd.name,
             "checkpoint_fingerprint": sd.fingerprint, "dtype": args.dtype, "device": str(sd.device),
             "software": f"p2p {args.command}"}
 
