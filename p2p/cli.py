@@ -153,9 +153,11 @@ def parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("edit", help="Prompt-to-Prompt: edit a source prompt's image into target prompts")
     add_model_args(p)
-    p.add_argument("--source", required=True, help="the source prompt")
-    p.add_argument("--target", action="append", required=True, help="a target prompt; repeat for several")
-    p.add_argument("--mode", choices=["replace", "refine", "reweight"], required=True,
+    p.add_argument("--recipe", type=Path, help="re-run an earlier result exactly: its image or latents file "
+                   "(or a JSON experiment record); the edit's flags given with it change single fields")
+    p.add_argument("--source", help="the source prompt (required without --recipe)")
+    p.add_argument("--target", action="append", default=[], help="a target prompt; repeat for several")
+    p.add_argument("--mode", choices=["replace", "refine", "reweight"],
                    help="replace: swap words (same word count); refine: add words; reweight: scale words")
     p.add_argument("--cross-steps", type=window, default=0.8, help="fraction (or START:END) of steps with "
                    "cross-attention replacement (default 0.8)")

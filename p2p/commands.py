@@ -2,7 +2,8 @@
 
 Every command first checks all it can without the model (sizes, prompts, words, the photo,
 every output path), so bad input costs no loading or sampling; then it loads the model,
-samples and writes. Photos (`invert`, `edit --image`) have their parts in cli_photo.py.
+samples and writes. `p2p edit` builds an experiment record (p2p/record.py) from its flags
+and runs it through p2p/run.py, the road scripts take too; photos have their parts in photo.py.
 """
 import json
 import sys
@@ -10,12 +11,14 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from models import InputError
 from models.checkpoint import check_device, fingerprint, load
 from models.text import check_prompts, load_tokenizer
 
-from . import cli_photo, edits, inversion, output, sampler, viz
+from . import edits, inversion, output, photo, record, run, sampler, viz
+from .record import Experiment
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -51,22 +54,22 @@ def device_of(name: str | None) -> str:
     return name
 
 
-def load_model(args):
-    device, start = device_of(args.device), time.perf_counter()
-    if args.dtype == "float16" and device == "cpu":
+def load_model(weights: Path, device: str | None, dtype: str):
+    device, start = device_of(device), time.perf_counter()
+    if dtype == "float16" and device == "cpu":
         print("note: float16 on a CPU is no faster than float32 and can be far slower (about 15x on CPUs "
               "without float16 arithmetic); --dtype bfloat16 is the fast half precision on CPUs", file=sys.stderr)
-    sd = load(args.weights, device, DTYPES[args.dtype])
-    print(f"loaded {sd.name} ({args.dtype}, {device}) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    sd = load(weights, device, DTYPES[dtype])
+    print(f"loaded {sd.name} ({dtype}, {device}) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return sd
 
 
-def run_metadata(args, sd, height: int, width: int) -> dict[str, str]:
+def run_metadata(command: str, sd, dtype: str, seed: int, steps: int, guidance: float, sampler: str,
+                 height: int, width: int) -> dict[str, str]:
     """What every output records of how it was made (sizes are WIDTHxHEIGHT everywhere)."""
-    return {"seed": str(args.seed), "steps": str(args.steps), "guidance": str(args.guidance),
-            "size": f"{width}x{height}", "sampler": args.sampler, "checkpoint": sd.name,
-            "checkpoint_fingerprint": sd.fingerprint, "dtype": args.dtype, "device": str(sd.device),
-            "software": f"p2p {args.command}"}
+    return {"seed": str(seed), "steps": str(steps), "guidance": str(guidance), "size": f"{width}x{height}",
+            "sampler": sampler, "checkpoint": sd.name, "checkpoint_fingerprint": sd.fingerprint, "dtype": dtype,
+            "device": str(sd.device), "software": f"p2p {command}"}
 
 
 def wrote(path: Path):
@@ -76,116 +79,107 @@ def wrote(path: Path):
 # ---- p2p generate ----------------------------------------------------------------------
 
 def generate(args, sd=None):
-    """`p2p generate`; `sd` is an already loaded model (scripts/reproduce_paper.py runs many)."""
     sampler.check_size(args.height, args.width, args.steps)
     check_prompts(load_tokenizer(), args.prompt + [args.negative])   # before the slow load
     check_outputs({"--out": (args.out, "image"), "--latents-out": (args.latents_out, "tensors")},
                   {"--weights": args.weights})
-    sd = sd or load_model(args)
-    latents = sampler.generate(sd, args.prompt, args.seed, args.steps, args.guidance, args.height, args.width,
-                               args.negative, sampler=args.sampler)
+    sd = sd or load_model(args.weights, args.device, args.dtype)
+    write_generation(sd, args.prompt, args.negative, args.dtype, args.out, args.latents_out, seed=args.seed,
+                     steps=args.steps, guidance=args.guidance, height=args.height, width=args.width,
+                     sampler=args.sampler)
+
+
+def write_generation(sd, prompts: list[str], negative: str, dtype: str, out: Path, latents_out: Path | None,
+                     **sampling):
+    """Sample the prompts from one noise without an edit and write them (`sampling`: seed, steps,
+    guidance, height, width, sampler)."""
+    latents = sampler.generate(sd, prompts, negative=negative, **sampling)
     images = output.to_pil(sampler.decode(sd, latents))
-    metadata = {"prompts": text(args.prompt), "negative": args.negative, **run_metadata(args, sd, args.height,
-                                                                                         args.width)}
-    if args.latents_out is not None:
-        output.save_tensors(args.latents_out, {"latents": latents}, metadata)
-        wrote(args.latents_out)
-    output.save_image(args.out, output.labelled_row(images, args.prompt), metadata)
-    wrote(args.out)
+    metadata = {"prompts": text(prompts), "negative": negative, **run_metadata("generate", sd, dtype, **sampling)}
+    if latents_out is not None:
+        output.save_tensors(latents_out, {"latents": latents}, metadata)
+        wrote(latents_out)
+    output.save_image(out, output.labelled_row(images, prompts), metadata)
+    wrote(out)
 
 
 # ---- p2p edit --------------------------------------------------------------------------
 
-def build_edit(args, tokenizer):
-    """The PromptToPrompt edit the flags describe; every word is checked here, before any sampling."""
-    prompts = [args.source, *args.target]
-    if args.mode == "replace":
-        cross = edits.Replace(tokenizer, prompts, official=args.replace_mapper == "official")
-    elif args.mode == "refine":
-        cross = edits.Refine(tokenizer, prompts)
-    else:
-        if not args.reweight:
-            raise InputError("--mode reweight needs at least one --reweight WORD=SCALE")
-        cross = None
-    if args.reweight:
-        cross = edits.Reweight(tokenizer, prompts, args.reweight, prev=cross)
-    if args.replace_mapper != "aligned" and args.mode != "replace":
-        raise InputError(f"--replace-mapper is the word swap's; --mode {args.mode} has no replace mapper")
-    blend = None
-    words = lambda groups: [[w for w in group.split(",") if w] for group in groups]
-    if args.blend:
-        blend = edits.LocalBlend(tokenizer, prompts, words(args.blend), args.blend_threshold, args.blend_res,
-                                 subtract=words(args.blend_subtract) or None,
-                                 start=int(args.blend_start * args.steps))
-    elif args.blend_subtract or args.blend_start:
-        raise InputError("--blend-subtract and --blend-start shape a local blend: give --blend WORDS too")
-    return edits.PromptToPrompt(tokenizer, prompts, args.steps, cross, {"default": args.cross_steps,
-                                                                        **args.word_steps},
-                                args.self_steps, args.self_max_tokens, blend,
-                                edits.AttentionStore() if args.maps_out else None)
+LISTS = {"targets": "target", "word_steps": "word_steps", "blend": "blend", "blend_subtract": "blend_subtract",
+         "reweight": "reweight"}   # record fields whose flags repeat (given when not empty)
 
 
-def check_resolution(sd, height: int, width: int, res: int, what: str):
-    """Fail before sampling when no down/up cross-attention runs at `res` for this image size."""
-    have = sorted({edits.side(s) for s in sd.unet.sites(height // 8, width // 8)
-                   if s.is_cross and s.place != "mid"}, reverse=True)
-    if res not in have:
-        raise InputError(f"{what} {res}: at {width}x{height} this model has down/up "
-                         f"cross-attention at resolutions {have} only")
+def read_recipe(path: Path) -> dict:
+    """The experiment record of an earlier result (.png, .jpg, .webp, .safetensors) or a JSON file."""
+    if not path.is_file():
+        raise InputError(f"--recipe {path} does not exist")
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(path.read_text())
+            return data.get("experiment", data) if isinstance(data, dict) else data
+        metadata = output.read_metadata(path)
+    except (OSError, ValueError, SafetensorError) as e:
+        raise InputError(f"--recipe {path}: cannot read it ({e})") from None
+    if "experiment" not in metadata:
+        raise InputError(f"--recipe {path} holds no experiment record (only `p2p edit` writes one)")
+    return json.loads(metadata["experiment"])
+
+
+def record_of(args) -> Experiment:
+    """The flags as an experiment record: with --recipe, its record with the flags given after it
+    in place of its fields; without, the flags alone (their defaults are the record's)."""
+    flags = {field: getattr(args, LISTS.get(field, field)) for field in record.FIELDS}
+    flags = {k: str(v) if isinstance(v, Path) else v for k, v in flags.items()}
+    if args.recipe is None:
+        return record.from_json({k: v for k, v in flags.items() if v is not None or k not in record.REQUIRED},
+                                where=None)
+    given = {k: v for k, v in flags.items()
+             if (bool(v) if k in LISTS else getattr(args, f"_{k}_given", False))}
+    return record.from_json({**read_recipe(args.recipe), **given}, where=None)
+
+
+def record_metadata(r: Experiment) -> dict[str, str]:
+    """Each field on its own (strings as they are, the rest as JSON), and the whole record."""
+    fields = {k: v if isinstance(v, str) else text(v) for k, v in r.to_json().items() if v is not None}
+    return {**fields, "experiment": text(r.to_json())}
 
 
 def edit(args, sd=None):
-    """`p2p edit`; `sd` is an already loaded model (scripts/reproduce_paper.py runs many edits)."""
-    prompts = [args.source, *args.target]
-    sampler.check_size(args.height, args.width, args.steps)
-    tokenizer = load_tokenizer()
-    check_prompts(tokenizer, prompts)
-    edit = build_edit(args, tokenizer)
-    if args.inversion is not None and args.image is None:
-        raise InputError("--inversion needs the --image it was made from")
-    if args.image is not None and args.sampler != "ddim":
-        raise InputError(f"--sampler {args.sampler} cannot edit a photo: its inversion walks DDIM's steps "
-                         "backwards, so the edit must sample them forwards with --sampler ddim")
-    photo = cli_photo.prepare(args) if args.image is not None else None
-    check_outputs({"--out": (args.out, "image"), "--latents-out": (args.latents_out, "tensors"),
-                   "--maps-out": (args.maps_out, "image"),
-                   "the inversion cache": (photo.cache if photo is not None and photo.inversion is None else None,
-                                           "tensors")},
-                  {"--weights": args.weights, "--image": args.image, "--inversion": args.inversion})
-    sd = sd or load_model(args)
-    if edit.blend is not None:
-        check_resolution(sd, args.height, args.width, args.blend_res, "--blend-res")
-    if args.maps_out is not None:
-        check_resolution(sd, args.height, args.width, args.maps_res, "--maps-res")
-    start = {}
-    if photo is not None:   # start from the photo's inversion, its null embeddings in every prompt's guidance
-        inv = cli_photo.photo_inversion(sd, args, photo)
-        start = {"x_T": inv.x_T, "null_embeddings": inv.null_embeddings}
-    latents = sampler.generate(sd, prompts, args.seed, args.steps, args.guidance, args.height, args.width,
-                               edit=edit, sampler=args.sampler, **start)
-    images = output.to_pil(sampler.decode(sd, latents))
-    metadata = {"source": args.source, "targets": text(args.target), "mode": args.mode,
-                "cross_steps": text(args.cross_steps), "word_steps": text(args.word_steps),
-                "self_steps": text(args.self_steps), "self_max_tokens": str(args.self_max_tokens),
-                "blend": text(args.blend), "blend_threshold": str(args.blend_threshold),
-                "blend_res": str(args.blend_res), "blend_start": str(args.blend_start),
-                "blend_subtract": text(args.blend_subtract), "replace_mapper": args.replace_mapper,
-                "reweight": text(args.reweight),
-                **run_metadata(args, sd, args.height, args.width)}
-    row, labels = images, prompts
-    if photo is not None:   # the photo first, then its reconstruction (the source row) and the edits
-        metadata |= {"image": str(args.image), "inversion_method": inv.settings["method"]}
-        row, labels = output.to_pil(photo.image, truncate=False) + images, ["photo", *prompts]
-        cli_photo.report_latents(inv, latents)
-    if args.latents_out is not None:
-        output.save_tensors(args.latents_out, {"latents": latents}, metadata)
-        wrote(args.latents_out)
-    if args.maps_out is not None:
-        grid = viz.token_maps_grid(images, prompts, edit.store, tokenizer, args.maps_res)
-        output.save_image(args.maps_out, grid, metadata | {"maps_res": str(args.maps_res)})
-        wrote(args.maps_out)
-    output.save_image(args.out, output.labelled_row(row, labels), metadata)
-    wrote(args.out)
+    """`p2p edit`: the flags as a record, then edit_record."""
+    edit_record(record_of(args), args.weights, args.out, args.latents_out, args.maps_out, args.maps_res,
+                args.device, args.dtype, sd)
+
+
+def edit_record(r: Experiment, weights: Path, out: Path, latents_out: Path | None = None,
+                maps_out: Path | None = None, maps_res: int = 16, device: str | None = None,
+                dtype: str = "float32", sd=None):
+    """Run one record and write its outputs; `sd` is an already loaded model (scripts run many)."""
+    plan = run.prepare(r, weights, cache_dir=out.parent, store=maps_out is not None)
+    new_cache = plan.photo.cache if plan.photo is not None and plan.photo.inversion is None else None
+    check_outputs({"--out": (out, "image"), "--latents-out": (latents_out, "tensors"),
+                   "--maps-out": (maps_out, "image"), "the inversion cache": (new_cache, "tensors")},
+                  {"--weights": weights, "--image": r.image and Path(r.image),
+                   "--inversion": r.inversion and Path(r.inversion)})
+    sd = sd or load_model(weights, device, dtype)
+    if maps_out is not None:
+        run.check_resolution(sd, r.height, r.width, maps_res, "--maps-res")
+    result = run.run(sd, plan, dtype)
+    metadata = {**record_metadata(r), **run_metadata("edit", sd, dtype, r.seed, r.steps, r.guidance, r.sampler,
+                                                     r.height, r.width)}
+    row, labels = result.images, r.prompts
+    if result.photo is not None:   # the photo first, then its reconstruction (the source row) and the edits
+        metadata |= {"inversion_method": result.inversion.settings["method"]}
+        row, labels = [result.photo, *row], ["photo", *labels]
+        photo.report_latents(result.inversion, result.latents)
+    if latents_out is not None:
+        output.save_tensors(latents_out, {"latents": result.latents}, metadata)
+        wrote(latents_out)
+    if maps_out is not None:
+        grid = viz.token_maps_grid(result.images, r.prompts, result.edit.store, load_tokenizer(), maps_res)
+        output.save_image(maps_out, grid, metadata | {"maps_res": str(maps_res)})
+        wrote(maps_out)
+    output.save_image(out, output.labelled_row(row, labels), metadata)
+    wrote(out)
 
 
 # ---- p2p maps --------------------------------------------------------------------------
@@ -206,39 +200,49 @@ def steps_range(text: str, steps: int) -> tuple[int, int]:
 
 def maps(args, sd=None):
     sampler.check_size(args.height, args.width, args.steps)
-    tokenizer = load_tokenizer()
-    check_prompts(tokenizer, [args.prompt])
+    check_prompts(load_tokenizer(), [args.prompt])
     window = steps_range(args.steps_range, sampler.calls(args.sampler, args.steps))
     check_outputs({"--out": (args.out, "image")}, {"--weights": args.weights})
-    sd = sd or load_model(args)
-    check_resolution(sd, args.height, args.width, args.res, "--res")
-    store = edits.AttentionStore(edits.Sites(places=("down", "up"), resolutions=(args.res,),
-                                             self=args.components > 0, steps=window))
-    latents = sampler.generate(sd, [args.prompt], args.seed, args.steps, args.guidance, args.height, args.width,
-                               edit=store, sampler=args.sampler)
+    sd = sd or load_model(args.weights, args.device, args.dtype)
+    write_maps(sd, args.prompt, args.res, window, args.components, args.dtype, args.out, seed=args.seed,
+               steps=args.steps, guidance=args.guidance, height=args.height, width=args.width, sampler=args.sampler)
+
+
+def write_maps(sd, prompt: str, res: int, window: tuple[int, int], components: int, dtype: str, out: Path,
+               **sampling):
+    """Sample the prompt, storing its attention at `res` over the steps of `window`, and draw the
+    token maps (and the top `components` of self-attention) over its image."""
+    run.check_resolution(sd, sampling["height"], sampling["width"], res, "--res")
+    store = edits.AttentionStore(edits.Sites(places=("down", "up"), resolutions=(res,), self=components > 0,
+                                             steps=window))
+    latents = sampler.generate(sd, [prompt], edit=store, **sampling)
     images = output.to_pil(sampler.decode(sd, latents))
-    metadata = {"prompt": args.prompt, "res": str(args.res), "steps_range": f"{window[0]}:{window[1]}",
-                "components": str(args.components), **run_metadata(args, sd, args.height, args.width)}
-    grid = viz.token_maps_grid(images, [args.prompt], store, tokenizer, args.res)
-    if args.components:
-        grid = viz.stack([grid, viz.components_grid(viz.self_components(store, args.res, args.components))])
-    output.save_image(args.out, grid, metadata)
-    wrote(args.out)
+    metadata = {"prompt": prompt, "res": str(res), "steps_range": f"{window[0]}:{window[1]}",
+                "components": str(components), **run_metadata("maps", sd, dtype, **sampling)}
+    grid = viz.token_maps_grid(images, [prompt], store, load_tokenizer(), res)
+    if components:
+        grid = viz.stack([grid, viz.components_grid(viz.self_components(store, res, components))])
+    output.save_image(out, grid, metadata)
+    wrote(out)
 
 
 # ---- p2p invert, p2p download ----------------------------------------------------------
 
 def invert(args):
     sampler.check_size(args.size, args.size, args.steps)
-    cli_photo.check_settings(args.method, args.steps, args.size)
+    photo.check_settings(args.method, args.steps, args.size)
     check_prompts(load_tokenizer(), [args.prompt])
     check_outputs({"--out": (args.out, "tensors")}, {"--weights": args.weights, "--image": args.image})
-    image = cli_photo.load_photo(args, args.size)
-    want = cli_photo.settings(args, args.prompt, args.size, args.weights, fingerprint(args.weights),
-                              inversion.file_hash(args.image))
-    sd = load_model(args)
-    inv = cli_photo.invert_photo(sd, args, image, want)
-    cli_photo.report(sd, inv, cli_photo.reconstruct(sd, inv))
+    try:
+        offsets = record.offsets(args.offsets)
+    except ValueError as e:
+        raise InputError(f"--offsets: {e}") from None
+    want = photo.settings(args.image, args.prompt, args.method, args.steps, args.guidance, args.inner_steps,
+                          args.size, offsets, Path(args.weights).name, fingerprint(args.weights))
+    image = photo.load(args.image, want)
+    sd = load_model(args.weights, args.device, args.dtype)
+    inv = photo.invert(sd, image, want)
+    photo.report(sd, inv, photo.reconstruct(sd, inv))
     inversion.save(args.out, inv, {"dtype": args.dtype, "device": str(sd.device)})
     wrote(args.out)
 

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import safetensors
 import safetensors.torch
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -207,6 +208,21 @@ def save_image(path: Path, image: Image.Image, metadata: dict[str, str]) -> None
                              f"comment ({JPEG_COMMENT_MAX} at most); name it .png")
         _write_atomically(path, lambda temp: image.convert("RGB").save(
             temp, format="JPEG", quality=JPEG_QUALITY, comment=comment))
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The metadata save_image or save_tensors wrote into a file (by its suffix); OSError or
+    ValueError for a file that is not one."""
+    path = Path(path)
+    if path.suffix.lower() == TENSORS_SUFFIX:
+        with safetensors.safe_open(str(path), "pt") as f:
+            return dict(f.metadata() or {})
+    with Image.open(path) as image:
+        if image.format == "PNG":
+            return dict(image.text)
+        if image.format == "WEBP":
+            return json.loads(image.getexif().get(EXIF_IMAGE_DESCRIPTION, "{}"))
+        return json.loads(image.info.get("comment", b"{}"))
 
 
 def _canonical(data: bytes) -> bytes:

@@ -4,15 +4,17 @@
         --photos path/to/prompt-to-prompt/example_images
     python scripts/reproduce_paper.py --tiny --out /tmp/paper     # smoke test on a random tiny model
 
-Two manifests, both lists of entries whose keys are `p2p` flags:
+Two manifests, both lists of entries, each an experiment record (p2p/record.py) with a name:
 - scripts/paper_examples.json: the paper's Stable Diffusion examples with its defaults (DDIM);
 - scripts/official_examples.json: each cell of google/prompt-to-prompt's notebooks that renders
   an edit or a map, transcribed (PLMS, the authors' mapper and seed 8888 for the SD notebook;
   DDIM, a real photo and blend start 0.2 for the null-text one).
-Each entry is one `p2p edit` (OUT/NAME.png, and its token maps OUT/NAME-maps.png) or `p2p maps`
-(OUT/NAME.png); "baseline" entries also render the prompts without the edit, as the notebook's
+Each edit entry runs through commands.edit_record, as `p2p edit` does (OUT/NAME.png, and its
+token maps OUT/NAME-maps.png); a "maps" entry through commands.write_maps (OUT/NAME.png);
+"baseline" entries also render the prompts without the edit, as the notebook's
 run_baseline=True does (OUT/NAME-baseline.png). OUT/index.html shows every image beside the
-exact command that made it. The model is loaded once. Photo entries need their photo in
+`p2p` command that makes it (record.command_line). Every entry is checked before the model
+loads, once. Photo entries need their photo in
 --photos (the null-text notebook's gnochi_mirror.jpeg is in google/prompt-to-prompt's
 example_images/); without it they are listed as skipped.
 """
@@ -27,12 +29,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 from models import InputError  # noqa: E402
-from p2p import cli, commands  # noqa: E402
+from p2p import cli, commands, record, sampler  # noqa: E402
 
 MANIFESTS = {"paper": Path(__file__).with_name("paper_examples.json"),
              "official": Path(__file__).with_name("official_examples.json")}
-ABOUT = ("name", "what", "notebook", "cell", "command", "baseline", "differs", "image", "source", "targets", "prompt")
-MANY = ("word_steps", "reweight", "blend", "blend_subtract")       # flags that take several values
+ABOUT = ("name", "what", "notebook", "cell", "command", "baseline", "differs")   # the rest is a record
+MAPS = ("prompt", "res", "seed", "steps", "guidance", "height", "width", "sampler")   # a maps entry's keys
 SAMPLING = ("seed", "steps", "guidance", "height", "width", "sampler")
 TINY = {"steps": 5, "height": 128, "width": 128}
 
@@ -41,34 +43,60 @@ def load(name: str) -> dict:
     return json.loads(MANIFESTS[name].read_text())
 
 
-def flags(entry: dict, keys) -> list[str]:
-    out = []
-    for key in keys:
-        if key in entry and key not in ABOUT:
-            value = entry[key]
-            out += [f"--{key.replace('_', '-')}", *(map(str, value) if key in MANY else [str(value)])]
-    return out
+def record_of(entry: dict, photos: Path | None, where: str) -> record.Experiment:
+    """The experiment record of an edit entry (its photo looked up in `photos`)."""
+    fields = {k: v for k, v in entry.items() if k not in ABOUT}
+    if "image" in fields:
+        fields["image"] = str((photos or Path(".")) / fields["image"])
+    return record.from_json(fields, where)
 
 
-def commands_of(entry: dict, weights: Path, out: Path, photos: Path | None, extra: list[str]) -> dict[str, list[str]]:
-    """{image file: its `p2p` command line} for one manifest entry."""
-    name, model = entry["name"], ["--weights", str(weights), *extra]
+def sampling(values) -> dict:
+    get = values.get if isinstance(values, dict) else lambda k, d=None: getattr(values, k)
+    defaults = {"seed": 0, "steps": 50, "guidance": 7.5, "height": 512, "width": 512, "sampler": "ddim"}
+    return {k: get(k, defaults[k]) for k in SAMPLING}
+
+
+def flags(values: dict) -> list[str]:
+    return [a for k, v in values.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+
+
+def plan(entry: dict, where: str, out: Path, photos: Path | None, model: list[str]) -> list[tuple]:
+    """[(image file, what to run, the command that makes it)] for one entry: "maps" ->
+    ("maps", kwargs), an edit -> ("edit", record), its baseline -> ("generate", kwargs)."""
+    name = entry["name"]
     if entry.get("command") == "maps":
-        return {f"{name}.png": ["maps", *model, "--prompt", entry["prompt"], *flags(entry, entry),
-                                "--out", str(out / f"{name}.png")]}
-    prompts = [entry["source"], *entry["targets"]]
-    photo = ["--image", str((photos or Path(".")) / entry["image"])] if "image" in entry else []
-    edit = ["edit", *model, *photo, "--source", entry["source"], *[a for t in entry["targets"] for a in ("--target", t)],
-            *flags(entry, entry), "--out", str(out / f"{name}.png"), "--maps-out", str(out / f"{name}-maps.png")]
-    runs = {f"{name}.png": edit}
+        unknown = [k for k in entry if k not in ABOUT + MAPS]
+        if unknown:
+            raise InputError(f"{where}: unknown field {unknown[0]!r} for a maps entry")
+        kwargs = {"prompt": entry["prompt"], "res": entry.get("res", 16), **sampling(entry)}
+        shown = ["maps", *model, "--prompt", entry["prompt"], *flags({k: kwargs[k] for k in kwargs if k != "prompt"})]
+        return [(f"{name}.png", "maps", kwargs, shown + ["--out", str(out / f"{name}.png")])]
+    r = record_of(entry, photos, where)
+    runs = [(f"{name}.png", "edit", r, ["edit", *model, *record.command_line(r), "--out", str(out / f"{name}.png"),
+                                        "--maps-out", str(out / f"{name}-maps.png")])]
     if entry.get("baseline"):   # the notebook's run_baseline=True: the same prompts and noise, no edit
-        runs = {f"{name}-baseline.png": ["generate", *model, *[a for p in prompts for a in ("--prompt", p)],
-                                         *flags(entry, SAMPLING), "--out", str(out / f"{name}-baseline.png")],
-                **runs}
+        shown = ["generate", *model, *[a for p in r.prompts for a in ("--prompt", p)], *flags(sampling(r))]
+        runs.insert(0, (f"{name}-baseline.png", "generate", {"prompts": r.prompts, **sampling(r)},
+                        shown + ["--out", str(out / f"{name}-baseline.png")]))
     return runs
 
 
-def section(title: str, about: str, entries: list[dict], runs: dict[str, dict], skipped: dict[str, str]) -> str:
+def render(sd, kind: str, what, image: str, out: Path, weights: Path, dtype: str):
+    """Make one image of the plan: the library's own functions, never a command line."""
+    if kind == "maps":
+        kwargs = dict(what)
+        prompt, res = kwargs.pop("prompt"), kwargs.pop("res")
+        calls = sampler.calls(kwargs["sampler"], kwargs["steps"])
+        commands.write_maps(sd, prompt, res, (0, calls), 0, dtype, out / image, **kwargs)
+    elif kind == "generate":
+        commands.write_generation(sd, what["prompts"], "", dtype, out / image, None,
+                                  **{k: v for k, v in what.items() if k != "prompts"})
+    else:
+        commands.edit_record(what, weights, out / image, maps_out=out / f"{image[:-4]}-maps.png", dtype=dtype, sd=sd)
+
+
+def section(title: str, about: str, entries: list[dict], runs: dict[str, list], skipped: dict[str, str]) -> str:
     rows = [f"<h2>{html.escape(title)}</h2>\n<p>{html.escape(about)}</p>"]
     for e in entries:
         where = f" ({e['notebook']}, cell {e['cell']})" if "notebook" in e else ""
@@ -76,10 +104,10 @@ def section(title: str, about: str, entries: list[dict], runs: dict[str, dict], 
         if e["name"] in skipped:
             rows.append(f"<p><em>skipped: {html.escape(skipped[e['name']])}</em></p>")
             continue
-        for image, argv in runs[e["name"]].items():
+        for image, kind, _, shown in runs[e["name"]]:
             rows.append(f"<p><img src='{html.escape(image)}' style='max-width:100%'></p>\n"
-                        f"<pre>{html.escape('p2p ' + shlex.join(argv))}</pre>")
-            if argv[0] == "edit":
+                        f"<pre>{html.escape('p2p ' + shlex.join(shown))}</pre>")
+            if kind == "edit":
                 rows.append(f"<p><img src='{html.escape(image[:-4])}-maps.png' style='max-width:100%'></p>")
         if "differs" in e:
             rows.append(f"<p><strong>Differs from the notebook:</strong> {html.escape(e['differs'])}</p>")
@@ -100,41 +128,43 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=cli.DTYPES, default="float32")
     args = ap.parse_args(argv)
     manifests = {m: load(m) for m in args.manifest or MANIFESTS}
-    chosen = {m: [e for e in d["examples"] if not args.only or e["name"] in args.only] for m, d in manifests.items()}
+    chosen = {m: [(i, e) for i, e in enumerate(d["examples"]) if not args.only or e["name"] in args.only]
+              for m, d in manifests.items()}
     if not any(chosen.values()):
         print(f"reproduce_paper: error: no entry named {', '.join(args.only)}", file=sys.stderr)
         return 2
-    extra = [*(["--device", args.device] if args.device else []), "--dtype", args.dtype]
+    model = [*(["--device", args.device] if args.device else []), "--dtype", args.dtype]
     with tempfile.TemporaryDirectory() as tmp:
         weights = args.weights
         if args.tiny:
             import make_tiny  # scripts/make_tiny.py
             make_tiny.main([tmp])
             weights = Path(tmp) / "tiny.safetensors"
-            chosen = {m: [{**e, **TINY} for e in es] for m, es in chosen.items()}
+            chosen = {m: [(i, {**e, **TINY}) for i, e in es] for m, es in chosen.items()}
         if weights is None:
             print("reproduce_paper: error: give --weights (or --tiny for a smoke test)", file=sys.stderr)
             return 2
+        model = ["--weights", str(weights), *model]
         args.out.mkdir(parents=True, exist_ok=True)
         runs, skipped = {}, {}
-        for e in (e for es in chosen.values() for e in es):
-            if "image" in e and not (args.photos and (args.photos / e["image"]).is_file()):
-                skipped[e["name"]] = f"needs the photo {e['image']} in --photos (from google/prompt-to-prompt's " \
-                                     "example_images/)"
-            else:
-                runs[e["name"]] = commands_of(e, weights, args.out, args.photos, extra)
-        try:
-            parsed = {name: {image: cli.parse(a) for image, a in r.items()} for name, r in runs.items()}
-            sd = None
-            for name, r in parsed.items():
-                for image, a in r.items():
-                    sd = sd or commands.load_model(a)
+        try:   # every entry checked (as a record) before the model loads
+            for m, es in chosen.items():
+                for i, e in es:
+                    if "image" in e and not (args.photos and (args.photos / e["image"]).is_file()):
+                        skipped[e["name"]] = f"needs the photo {e['image']} in --photos (from " \
+                                             "google/prompt-to-prompt's example_images/)"
+                    else:
+                        runs[e["name"]] = plan(e, f"{MANIFESTS[m].name}[{i}] ({e['name']})", args.out, args.photos,
+                                               model)
+            sd = commands.load_model(weights, args.device, args.dtype) if runs else None
+            for name, entry_runs in runs.items():
+                for image, kind, what, _ in entry_runs:
                     print(f"== {name}: {image}", file=sys.stderr)
-                    {"edit": commands.edit, "maps": commands.maps, "generate": commands.generate}[a.command](a, sd)
+                    render(sd, kind, what, image, args.out, weights, args.dtype)
         except InputError as e:
             print(f"reproduce_paper: error: {e}", file=sys.stderr)
             return 2
-    page = "\n".join(section(f"{m}: {MANIFESTS[m].name}", manifests[m]["about"], es, runs, skipped)
+    page = "\n".join(section(f"{m}: {MANIFESTS[m].name}", manifests[m]["about"], [e for _, e in es], runs, skipped)
                      for m, es in chosen.items() if es)
     (args.out / "index.html").write_text("<!doctype html><meta charset='utf-8'><title>Prompt-to-Prompt: the paper "
                                          "and the official notebooks</title>\n<h1>Prompt-to-Prompt: the paper and "

@@ -30,7 +30,10 @@ def test_edit_writes_images_latents_maps_and_metadata(tiny_file, tmp_path, capsy
     image = Image.open(out)
     assert image.width >= 3 * 128
     assert image.text["mode"] == "replace" and json.loads(image.text["targets"]) == [DOG, HORSE]
-    assert json.loads(image.text["blend"]) == ["cat", "dog", "horse"]
+    assert json.loads(image.text["blend"]) == [["cat"], ["dog"], ["horse"]]
+    record = json.loads(image.text["experiment"])            # the whole record, every field
+    assert record["targets"] == [DOG, HORSE] and record["word_steps"] == {"dog": [0.2, 0.6]}
+    assert record["reweight"] == {"dog": 2.0} and record["steps"] == 4 and record["image"] is None
     grid = Image.open(maps)
     assert grid.height > 3 * 160 and grid.width > 5 * 160     # 3 prompts, image + 5 tokens each
 
@@ -71,7 +74,7 @@ def test_maps_command(tiny_file, tmp_path, capsys):
     (["--mode", "replace", "--target", DOG, "--cross-steps", "1.5"], "not a step window"),
     (["--mode", "reweight", "--target", CAT], "--mode reweight needs at least one --reweight"),
     (["--mode", "replace", "--target", DOG, "--blend", "cat", "dog", "--blend-res", "32"],
-     "--blend-res 32: at 128x128 this model has down/up cross-attention at resolutions [16, 8, 4] only"),
+     "blend_res (--blend-res) 32: at 128x128 this model has down/up cross-attention at resolutions [16, 8, 4] only"),
     (["--mode", "refine", "--target", "a cat riding a red bicycle", "--replace-mapper", "official"],
      "--mode refine has no replace mapper"),
     (["--mode", "replace", "--target", DOG, "--blend-subtract", "cat", "dog"], "give --blend WORDS too"),
@@ -101,7 +104,7 @@ def test_plms_edit_records_its_sampler_mapper_and_blend(tiny_file, tmp_path, cap
     assert "sampling  5/5" in err                               # 4 steps, 5 UNet calls
     meta = Image.open(out).text
     assert (meta["sampler"], meta["replace_mapper"], meta["blend_start"]) == ("plms", "official", "0.5")
-    assert json.loads(meta["blend_subtract"]) == ["squirrel", "squirrel"]
+    assert json.loads(meta["blend_subtract"]) == [["squirrel"], ["squirrel"]]
     latents = {}
     for extra in ([], ["--blend-subtract", "squirrel", "squirrel"]):   # the subtraction changes the result
         code, err = run(capsys, "edit", "--weights", tiny_file, *words, "--sampler", "plms", "--blend-start", "0.5",
@@ -129,20 +132,23 @@ def test_paper_script_smoke_test_on_the_tiny_model(tmp_path):
     assert not (tmp_path / "nulltext-08-tiger.png").exists()
 
 
-def test_every_manifest_entry_is_a_valid_command(tmp_path):
-    """Each entry of both manifests parses and, for edits, builds its edit (all its words exist), without sampling."""
+def test_every_manifest_entry_is_a_valid_record_and_its_shown_command_gives_it_back(tmp_path):
+    """Each entry of both manifests is a record whose edit builds (all its words exist), and the
+    command the index page shows parses back to that very record; nothing is sampled."""
     from models.text import load_tokenizer
-    from p2p import cli, commands
+    from p2p import cli, commands, run as p2p_run
     paper, tok = script("reproduce_paper"), load_tokenizer()
     for manifest in paper.MANIFESTS:
-        for ex in paper.load(manifest)["examples"]:
-            runs = paper.commands_of(ex, tmp_path / "w.safetensors", tmp_path, tmp_path, [])
-            assert list(runs)[-1] == f"{ex['name']}.png" and len(runs) == 1 + bool(ex.get("baseline"))
-            for argv in runs.values():
-                args = cli.parse(argv)
-                if args.command == "edit":
-                    edit = commands.build_edit(args, tok)
+        for i, ex in enumerate(paper.load(manifest)["examples"]):
+            runs = paper.plan(ex, f"{manifest}[{i}]", tmp_path, tmp_path, ["--weights", "w.safetensors"])
+            assert runs[-1][0] == f"{ex['name']}.png" and len(runs) == 1 + bool(ex.get("baseline"))
+            for image, kind, what, shown in runs:
+                args = cli.parse(shown)
+                assert args.command == kind
+                if kind == "edit":
+                    edit = p2p_run.build_edit(what, tok)
                     assert edit.b == 1 + len(ex["targets"]) and (edit.blend is not None) == ("blend" in ex)
+                    assert commands.record_of(args) == what
 
 
 def test_the_official_manifest_covers_every_rendering_cell_as_the_notebooks_set_them():

@@ -1,10 +1,11 @@
-"""The photo half of the `p2p` command: `p2p invert`, and `p2p edit --image` (commands.py calls these).
+"""A photo to edit: its inversion's settings, the inversion file to reuse or the one to make.
 
-An edit of a photo starts from an inversion: one given with --inversion must have been made
-for the same prompt, photo, size, steps (and guidance, for null-text) and weights (their
-fingerprint); without one, the edit inverts first and keeps the result next to its output as
-PHOTO.KEY.inversion.safetensors, KEY a hash of every setting, reused by the next edit with the
-same settings. A file of that name that is not such an inversion is never overwritten.
+An edit of a photo starts from an inversion: one given as `inversion` must have been made for
+the same prompt, photo, size, steps (and guidance, for null-text) and weights (their
+fingerprint); without one, the edit inverts first and keeps the result in a cache folder (next
+to its output, for the CLI) as PHOTO.KEY.inversion.safetensors, KEY a hash of every setting,
+reused by the next edit with the same settings. A file of that name that is not such an
+inversion is never overwritten. Everything up to `prepare` runs without the model.
 """
 import hashlib
 import json
@@ -15,21 +16,9 @@ from pathlib import Path
 import torch
 
 from models import InputError
-from models.checkpoint import fingerprint
 
 from . import inversion, sampler
 from .inversion import Inversion
-
-
-def offsets(text: str) -> tuple[int, int, int, int]:
-    """"L,R,T,B" -> pixels cropped off each side, as the official notebook's load_512 takes them."""
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        values = ()
-    if len(values) != 4 or min(values) < 0:
-        raise InputError(f"--offsets takes LEFT,RIGHT,TOP,BOTTOM pixel counts >= 0, got {text!r}")
-    return values
 
 
 def check_settings(method: str, steps: int, size: int):
@@ -39,24 +28,27 @@ def check_settings(method: str, steps: int, size: int):
         raise InputError(f"null-text inversion takes at most {inversion.MAX_NULL_TEXT_STEPS} steps (got {steps})")
 
 
-def settings(args, prompt: str, size: int, weights: Path, weights_fingerprint: str,
-             image_sha256: str) -> dict[str, str]:
-    """The inversion's metadata (inversion.SETTINGS) for these flags."""
-    return {"prompt": prompt, "method": args.method, "steps": str(args.steps), "guidance": str(args.guidance),
-            "inner_steps": str(args.inner_steps) if args.method == "null-text" else "",
-            "size": f"{size}x{size}", "checkpoint": Path(weights).name,
-            "checkpoint_fingerprint": weights_fingerprint, "offsets": ",".join(map(str, offsets(args.offsets))),
-            "image": args.image.name, "image_sha256": image_sha256}
+def settings(image: Path, prompt: str, method: str, steps: int, guidance: float, inner_steps: int, size: int,
+             offsets: tuple[int, int, int, int], weights_name: str, weights_fingerprint: str) -> dict[str, str]:
+    """The inversion's metadata (inversion.SETTINGS): what an inversion of this photo depends on."""
+    return {"prompt": prompt, "method": method, "steps": str(steps), "guidance": str(guidance),
+            "inner_steps": str(inner_steps) if method == "null-text" else "",
+            "size": f"{size}x{size}", "checkpoint": weights_name, "checkpoint_fingerprint": weights_fingerprint,
+            "offsets": ",".join(map(str, offsets)), "image": Path(image).name,
+            "image_sha256": inversion.file_hash(image)}
 
 
-def load_photo(args, size: int, crop: str | None = None) -> torch.Tensor:
-    return inversion.load_image(args.image, size, offsets(crop or args.offsets))
+def load(image: Path, want: dict[str, str]) -> torch.Tensor:
+    """The photo as the model sees it: cropped by the settings' offsets, centre square, resized."""
+    offsets = tuple(int(v) for v in want["offsets"].split(","))
+    return inversion.load_image(image, int(want["size"].split("x")[0]), offsets)
 
 
-def invert_photo(sd, args, image: torch.Tensor, want: dict[str, str]) -> Inversion:
+def invert(sd, image: torch.Tensor, want: dict[str, str]) -> Inversion:
     """Invert the photo for the settings `want` (see settings())."""
     z0 = inversion.encode(sd, image)
-    x_T, null = inversion.invert(sd, z0, want["prompt"], args.method, args.steps, args.guidance, args.inner_steps)
+    x_T, null = inversion.invert(sd, z0, want["prompt"], want["method"], int(want["steps"]),
+                                 float(want["guidance"]), int(want["inner_steps"] or 0))
     return Inversion(x_T, z0, null, want)
 
 
@@ -83,10 +75,10 @@ def report_latents(inv: Inversion, latents: torch.Tensor):
     print(f"reconstruction (row 0, {inv.settings['method']}): latent MSE {mse:.3e}", file=sys.stderr)
 
 
-# ---- p2p edit --image -------------------------------------------------------------------
+# ---- the photo of an edit -----------------------------------------------------------------
 
-HINTS = {"prompt": "--source must be the prompt the photo was inverted with",
-         "size": "edit at the size it was inverted at (--height, --width)",
+HINTS = {"prompt": "the source must be the prompt the photo was inverted with",
+         "size": "edit at the size it was inverted at (height, width)",
          "steps": "edit with the steps it was inverted with",
          "guidance": "null-text embeddings only reconstruct at the guidance they were optimised for",
          "checkpoint_fingerprint": "an inversion only holds for the weights that made it"}
@@ -107,35 +99,36 @@ def check_match(path: Path, inv: Inversion, want: dict[str, str]):
             raise InputError(f"{path} was made with {key} {inv.settings[key]!r}, not {want[key]!r}: {HINTS[key]}")
 
 
-def cache_path(args, want: dict[str, str]) -> Path:
-    """Where `p2p edit --image` keeps the inversion it makes: beside --out, named by a hash of
-    its settings, so a file the user wrote and another caption's inversion are never overwritten."""
+def cache_path(image: Path, cache_dir: Path, want: dict[str, str]) -> Path:
+    """Where an edit keeps the inversion it makes, named by a hash of its settings, so a file
+    the user wrote and another caption's inversion are never overwritten."""
     key = hashlib.sha256(json.dumps(want, sort_keys=True).encode()).hexdigest()[:12]
-    return args.out.parent / f"{args.image.stem}.{key}.inversion.safetensors"
+    return Path(cache_dir) / f"{Path(image).stem}.{key}.inversion.safetensors"
 
 
 @dataclass
 class Photo:
     image: torch.Tensor             # [1, 3, size, size] in [-1, 1], as the model sees it
     settings: dict[str, str]        # what its inversion must be made with
-    inversion: Inversion | None     # the --inversion file or the matching cached one; None: invert
+    inversion: Inversion | None     # the given inversion or the matching cached one; None: invert
     cache: Path | None              # where a new inversion is written
+    path: Path | None = None        # the given inversion's file, for messages
 
 
-def prepare(args) -> Photo:
-    """Before the model loads: the photo, and its inversion if there is one, checked against the weights."""
-    if args.height != args.width:
-        raise InputError(f"photos are edited square: --width {args.width} and --height {args.height} differ")
-    weights, photo_hash = fingerprint(args.weights), inversion.file_hash(args.image)
-    want = settings(args, args.source, args.height, args.weights, weights, photo_hash)
-    if args.inversion is not None:
-        inv = inversion.read(args.inversion)
-        image = load_photo(args, args.height, inv.settings["offsets"])   # cropped as it was inverted
-        check_match(args.inversion, inv, want)
-        return Photo(image, want, inv, None)
-    check_settings(args.method, args.steps, args.height)
-    image = load_photo(args, args.height)
-    cache = cache_path(args, want)
+def prepare(record, weights_name: str, weights_fingerprint: str, cache_dir: Path) -> Photo:
+    """Before the model loads: the record's photo, and its inversion if there is one, checked
+    against the weights (`record` is a p2p.record.Experiment with an image)."""
+    if record.height != record.width:
+        raise InputError(f"photos are edited square: width {record.width} and height {record.height} differ")
+    want = settings(Path(record.image), record.source, record.method, record.steps, record.guidance,
+                    record.inner_steps, record.height, record.offsets, weights_name, weights_fingerprint)
+    if record.inversion is not None:
+        inv = inversion.read(Path(record.inversion))
+        check_match(Path(record.inversion), inv, want)
+        return Photo(load(Path(record.image), inv.settings), want, inv, None, Path(record.inversion))
+    check_settings(record.method, record.steps, record.height)
+    image = load(Path(record.image), want)
+    cache = cache_path(Path(record.image), cache_dir, want)
     if not cache.exists():
         return Photo(image, want, None, cache)
     try:
@@ -144,20 +137,20 @@ def prepare(args) -> Photo:
         cached = None
     if cached is None or any(cached.settings.get(k) != v for k, v in want.items()):
         raise InputError(f"{cache} is in the way: it is not the inversion of these settings; move it, "
-                         "or pass it with --inversion")
+                         "or pass it as the inversion")
     print(f"reusing the inversion in {cache}", file=sys.stderr)
-    return Photo(image, want, cached, None)
+    return Photo(image, want, cached, None, cache)
 
 
-def photo_inversion(sd, args, photo: Photo) -> Inversion:
+def inversion_of(sd, photo: Photo, dtype: str) -> Inversion:
     """The given or cached inversion (checked against the model), or a new one, saved in the cache."""
     inv = photo.inversion
     if inv is not None:
         if inv.null_embeddings is not None and inv.null_embeddings.shape[-1] != sd.unet.cfg.context_dim:
-            raise InputError(f"{args.inversion}: its null embeddings are {inv.null_embeddings.shape[-1]} wide, "
+            raise InputError(f"{photo.path}: its null embeddings are {inv.null_embeddings.shape[-1]} wide, "
                              f"this model's text is {sd.unet.cfg.context_dim}")
         return inv
-    inv = invert_photo(sd, args, photo.image, photo.settings)
-    inversion.save(photo.cache, inv, {"dtype": args.dtype, "device": str(sd.device)})
+    inv = invert(sd, photo.image, photo.settings)
+    inversion.save(photo.cache, inv, {"dtype": dtype, "device": str(sd.device)})
     print(f"wrote {photo.cache} (the next edit of this photo with these settings reuses it)", file=sys.stderr)
     return inv

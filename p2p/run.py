@@ -1,0 +1,97 @@
+"""One road from an experiment record (p2p/record.py) to latents and images.
+
+    plan = prepare(record, weights)     # no model: words, sizes, the photo and its inversion
+    result = run(sd, plan)              # the model: invert if needed, sample, decode
+
+The CLI (`p2p edit`), scripts/reproduce_paper.py and sweeps all go through these two.
+"""
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from models import InputError
+from models.checkpoint import fingerprint
+from models.text import check_prompts, load_tokenizer
+
+from . import edits, output, photo, sampler
+from .inversion import Inversion
+from .record import Experiment
+
+
+def build_edit(record: Experiment, tokenizer, store: bool = False) -> edits.PromptToPrompt:
+    """The PromptToPrompt edit the record describes; every word is checked here."""
+    prompts = record.prompts
+    cross = None
+    if record.mode == "replace":
+        cross = edits.Replace(tokenizer, prompts, official=record.replace_mapper == "official")
+    elif record.mode == "refine":
+        cross = edits.Refine(tokenizer, prompts)
+    if record.reweight:
+        cross = edits.Reweight(tokenizer, prompts, record.reweight, prev=cross)
+    blend = None
+    if record.blend:
+        blend = edits.LocalBlend(tokenizer, prompts, [list(w) for w in record.blend], record.blend_threshold,
+                                 record.blend_res, subtract=[list(w) for w in record.blend_subtract] or None,
+                                 start=int(record.blend_start * record.steps))
+    return edits.PromptToPrompt(tokenizer, prompts, record.steps, cross,
+                                {"default": record.cross_steps, **record.word_steps}, record.self_steps,
+                                record.self_max_tokens, blend, edits.AttentionStore() if store else None)
+
+
+@dataclass
+class Plan:
+    """A record checked without the model, with what its run needs."""
+    record: Experiment
+    edit: edits.PromptToPrompt
+    photo: photo.Photo | None
+
+
+def prepare(record: Experiment, weights: Path, cache_dir: Path | None = None, store: bool = False) -> Plan:
+    """Check everything the model is not needed for: sizes, prompts, words, the photo and its
+    inversion (against the weights' fingerprint). A new inversion will be kept in `cache_dir`
+    (default: the photo's folder). `store` keeps the attention maps for drawing."""
+    sampler.check_size(record.height, record.width, record.steps)
+    tokenizer = load_tokenizer()
+    check_prompts(tokenizer, record.prompts)
+    edit = build_edit(record, tokenizer, store)
+    shot = None
+    if record.image is not None:
+        cache = Path(record.image).parent if cache_dir is None else cache_dir
+        shot = photo.prepare(record, Path(weights).name, fingerprint(weights), cache)
+    return Plan(record, edit, shot)
+
+
+def check_resolution(sd, height: int, width: int, res: int, what: str):
+    """Fail before sampling when no down/up cross-attention runs at `res` for this image size."""
+    have = sorted({edits.side(s) for s in sd.unet.sites(height // 8, width // 8)
+                   if s.is_cross and s.place != "mid"}, reverse=True)
+    if res not in have:
+        raise InputError(f"{what} {res}: at {width}x{height} this model has down/up "
+                         f"cross-attention at resolutions {have} only")
+
+
+@dataclass
+class Result:
+    record: Experiment
+    latents: torch.Tensor            # [1 + k, 4, h, w] float32, source first
+    images: list[Image.Image]        # decoded, one per prompt
+    edit: edits.PromptToPrompt       # with its AttentionStore when the plan asked for one
+    inversion: Inversion | None      # the photo's, for a photo edit
+    photo: Image.Image | None        # the photo as the model saw it
+
+
+def run(sd, plan: Plan, dtype: str = "float32", progress: bool = True) -> Result:
+    """Sample the plan's record with its edit (from its photo's inversion, for a photo edit)."""
+    record, start, inv = plan.record, {}, None
+    if plan.edit.blend is not None:
+        check_resolution(sd, record.height, record.width, record.blend_res, "blend_res (--blend-res)")
+    if plan.photo is not None:   # start from the inversion, its null embeddings in every prompt's guidance
+        inv = photo.inversion_of(sd, plan.photo, dtype)
+        start = {"x_T": inv.x_T, "null_embeddings": inv.null_embeddings}
+    latents = sampler.generate(sd, record.prompts, record.seed, record.steps, record.guidance, record.height,
+                               record.width, edit=plan.edit, sampler=record.sampler, progress=progress, **start)
+    images = output.to_pil(sampler.decode(sd, latents))
+    shown = output.to_pil(plan.photo.image, truncate=False)[0] if plan.photo is not None else None
+    return Result(record, latents, images, plan.edit, inv, shown)
