@@ -1,4 +1,4 @@
-"""The `p2p` command: generate, edit, invert, maps, download.
+"""The `p2p` command: generate, edit, invert, maps, sites, download.
 
 This file parses and checks the flags; p2p/commands.py does the work. It imports only the
 standard library, so `--help` and usage errors are instant and Ctrl-C while torch loads is
@@ -183,6 +183,11 @@ def parser() -> argparse.ArgumentParser:
                    "is the authors' mapper, which shifts them when the swapped words' token counts differ")
     p.add_argument("--reweight", nargs="+", action="extend", default=[], metavar="WORD=SCALE",
                    help="scale a target word's attention (negative allowed); stacks on replace/refine")
+    p.add_argument("--cross-sites", default="", metavar="ITEMS", help="the layers the cross edit acts in: "
+                   "comma-separated PLACE:SIDE, PLACE down, mid, up or any, SIDE the short side of the feature "
+                   "map (16 for 16x16 at 512 px) or any; `p2p sites` lists them (default: every layer)")
+    p.add_argument("--self-sites", default="", metavar="ITEMS", help="the layers of the self-attention "
+                   "injection, as --cross-sites; --self-max-tokens applies on top (default: every layer)")
     add_sampling_args(p)
     p.add_argument("--out", type=Path, required=True, help="image (.png, .jpg, .webp): source and targets "
                    "side by side, labelled")
@@ -215,10 +220,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--res", type=at_least(1), default=16, help="resolution of the maps averaged (default 16)")
     p.add_argument("--steps-range", default="", metavar="A:B", help="average over steps A..B-1 (UNet calls "
                    "under plms; default all)")
+    p.add_argument("--sites", default="", metavar="ITEMS", help="average only these layers at --res, "
+                   "PLACE:SIDE items as edit's --cross-sites (default: the down and up blocks)")
     add_sampling_args(p)
     p.add_argument("--out", type=Path, required=True, help="image: the image, then one map per token")
     p.add_argument("--components", type=at_least(0), default=0, metavar="N",
                    help="also draw the top N principal components of self-attention at --res")
+
+    p = commands.add_parser("sites", help="list every attention layer: call order, name, place, map size")
+    p.add_argument("--weights", type=Path, required=True, help="SD v1 checkpoint (only its headers are read)")
+    p.add_argument("--height", type=at_least(8), default=512, help="image height (default 512)")
+    p.add_argument("--width", type=at_least(8), default=512, help="image width (default 512)")
 
     p = commands.add_parser("download", help="fetch a diffusers-layout SD v1 repository (safetensors only)")
     p.add_argument("--repo", default=DEFAULT_REPO, help=f"repository id (default {DEFAULT_REPO})")
@@ -256,7 +268,7 @@ def main(argv=None) -> int:
 
         from . import commands
         run = {"generate": commands.generate, "edit": commands.edit, "invert": commands.invert,
-               "maps": commands.maps, "download": commands.download}[args.command]
+               "maps": commands.maps, "sites": commands.sites, "download": commands.download}[args.command]
         try:
             run(args)
         except InputError as e:

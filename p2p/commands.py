@@ -203,27 +203,56 @@ def maps(args, sd=None):
     check_prompts(load_tokenizer(), [args.prompt])
     window = steps_range(args.steps_range, sampler.calls(args.sampler, args.steps))
     check_outputs({"--out": (args.out, "image")}, {"--weights": args.weights})
+    try:
+        items = record.sites(args.sites)
+    except ValueError as e:
+        raise InputError(f"--sites: {e}") from None
     sd = sd or load_model(args.weights, args.device, args.dtype)
-    write_maps(sd, args.prompt, args.res, window, args.components, args.dtype, args.out, seed=args.seed,
+    write_maps(sd, args.prompt, args.res, window, args.components, args.dtype, args.out, items, seed=args.seed,
                steps=args.steps, guidance=args.guidance, height=args.height, width=args.width, sampler=args.sampler)
 
 
 def write_maps(sd, prompt: str, res: int, window: tuple[int, int], components: int, dtype: str, out: Path,
-               **sampling):
-    """Sample the prompt, storing its attention at `res` over the steps of `window`, and draw the
-    token maps (and the top `components` of self-attention) over its image."""
-    run.check_resolution(sd, sampling["height"], sampling["width"], res, "--res")
-    store = edits.AttentionStore(edits.Sites(places=("down", "up"), resolutions=(res,), self=components > 0,
-                                             steps=window))
+               items=(), **sampling):
+    """Sample the prompt, storing its attention at `res` over the steps of `window` (in the down and
+    up blocks, or the layers of the PLACE:SIDE `items`), and draw the token maps (and the top
+    `components` of self-attention) over its image."""
+    h, w = sampling["height"], sampling["width"]
+    run.check_resolution(sd, h, w, res, "--res")
+    run.check_sites(sd, h, w, items, True, "--sites")
+    if items and not any(edits.picks(items, s) and edits.side(s) == res for s in sd.unet.sites(h // 8, w // 8)):
+        raise InputError(f"--sites {','.join(f'{p}:{q}' for p, q in items)} picks no layer at --res {res}")
+    store = edits.AttentionStore(edits.Sites(places=None if items else ("down", "up"), resolutions=(res,),
+                                             items=items or None, self=components > 0, steps=window))
     latents = sampler.generate(sd, [prompt], edit=store, **sampling)
     images = output.to_pil(sampler.decode(sd, latents))
     metadata = {"prompt": prompt, "res": str(res), "steps_range": f"{window[0]}:{window[1]}",
+                "sites": ",".join(f"{p}:{q}" for p, q in items),
                 "components": str(components), **run_metadata("maps", sd, dtype, **sampling)}
     grid = viz.token_maps_grid(images, [prompt], store, load_tokenizer(), res)
     if components:
         grid = viz.stack([grid, viz.components_grid(viz.self_components(store, res, components))])
     output.save_image(out, grid, metadata)
     wrote(out)
+
+
+# ---- p2p sites -------------------------------------------------------------------------
+
+def sites(args):
+    """Every attention layer of the checkpoint in call order, with what --cross-sites and
+    --self-sites select it by (the architecture only: the weights stay on disk)."""
+    sampler.check_size(args.height, args.width, 1)
+    sd = load(args.weights, "meta")
+    rows = [("#", "name", "place", "level", "map", "attention", "heads", "keys", "select as")]
+    for i, s in enumerate(sd.unet.sites(args.height // 8, args.width // 8)):
+        keys = 77 if s.is_cross else s.res[0] * s.res[1]
+        rows.append((str(i), s.name, s.place, str(s.level), f"{s.res[0]}x{s.res[1]}",
+                     "cross" if s.is_cross else "self", str(s.heads), str(keys), f"{s.place}:{edits.side(s)}"))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    print(f"{sd.name} at {args.width}x{args.height} (latents {args.width // 8}x{args.height // 8}): "
+          f"{len(rows) - 1} attention layers")
+    for r in rows:
+        print("  ".join(v.ljust(n) for v, n in zip(r, widths)).rstrip())
 
 
 # ---- p2p invert, p2p download ----------------------------------------------------------

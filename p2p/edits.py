@@ -30,6 +30,11 @@ def side(site: Site) -> int:
     return min(site.res)
 
 
+def picks(items, site: Site) -> bool:
+    """Whether a site is one of the (place, side) items, "any" matching every place or side."""
+    return any(p in ("any", site.place) and s in ("any", side(site)) for p, s in items)
+
+
 @dataclass(frozen=True)
 class Sites:
     """Filter for ablations: None means any. `steps` is a half-open range [start, end)."""
@@ -39,12 +44,14 @@ class Sites:
     cross: bool = True
     self: bool = True
     steps: tuple[int, int] | None = None
+    items: tuple[tuple[str, int | str], ...] | None = None   # (place, side) pairs, as --cross-sites up:16
 
     def __call__(self, site: Site, step: int) -> bool:
         return ((self.cross if site.is_cross else self.self)
                 and (self.places is None or site.place in self.places)
                 and (self.levels is None or site.level in self.levels)
                 and (self.resolutions is None or side(site) in self.resolutions)
+                and (self.items is None or picks(self.items, site))
                 and (self.steps is None or self.steps[0] <= step < self.steps[1]))
 
 
@@ -231,13 +238,16 @@ class PromptToPrompt:
     | self_max_tokens | inject only where the self-attention has at most this many keys     |
     | blend, store    | optional LocalBlend and AttentionStore                              |
     | sites           | Sites filter restricting where the edit acts (ablations)            |
+    | cross_sites     | Sites filter for the cross edit alone, self_sites for the injection  |
     | edit_uncond     | also edit the unconditional half (off in the paper)                  |
     """
 
     def __init__(self, tokenizer, prompts: list[str], steps: int, cross=None, cross_steps=0.8,
                  self_steps=0.4, self_max_tokens: int = 256, blend: LocalBlend | None = None,
-                 store: AttentionStore | None = None, sites: Sites = ALL, edit_uncond: bool = False):
+                 store: AttentionStore | None = None, sites: Sites = ALL, edit_uncond: bool = False,
+                 cross_sites: Sites = ALL, self_sites: Sites = ALL):
         self.b, self.cross, self.sites, self.edit_uncond = len(prompts), cross, sites, edit_uncond
+        self.cross_sites, self.self_sites = cross_sites, self_sites
         self.alphas = cross_alphas(tokenizer, prompts, steps, cross_steps)
         self.self_steps, self.self_max_tokens = self_window(steps, self_steps), self_max_tokens
         self.blend = blend
@@ -245,7 +255,7 @@ class PromptToPrompt:
         self.step = 0   # set by the sampler before each UNet call
 
     def edits(self, site: Site) -> bool:
-        if not self.sites(site, self.step):
+        if not (self.sites(site, self.step) and (self.cross_sites if site.is_cross else self.self_sites)(site, self.step)):
             return False
         if site.is_cross:
             return self.cross is not None and bool(self.alphas[self.step].any())

@@ -50,6 +50,8 @@ class Experiment:
     method: str = "null-text"
     inner_steps: int = 10
     offsets: tuple[int, int, int, int] = (0, 0, 0, 0)
+    cross_sites: tuple[tuple[str, int | str], ...] = ()   # (place, side) layers of the cross edit; () all
+    self_sites: tuple[tuple[str, int | str], ...] = ()    # ... of the self-attention injection
 
     @property
     def prompts(self) -> list[str]:
@@ -167,6 +169,30 @@ def offsets(value) -> tuple[int, int, int, int]:
     return values
 
 
+PLACES = ("down", "mid", "up", "any")
+
+
+def sites(value) -> tuple[tuple[str, int | str], ...]:
+    """Layers as PLACE:SIDE items: "down:16,up:16", ["up:16"] or [["up", 16]]; PLACE down, mid, up
+    or any, SIDE the short side of the layer's feature map or any; "" or [] is every layer."""
+    items = [v for v in value.split(",") if v] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        raise ValueError(f"PLACE:SIDE items, got {value!r}")
+    out = []
+    for item in items:
+        place, side = item.split(":", 1) if isinstance(item, str) and ":" in item else \
+            item if isinstance(item, (list, tuple)) and len(item) == 2 else (None, None)
+        if place not in PLACES:
+            raise ValueError(f"a site is PLACE:SIDE, PLACE one of {', '.join(PLACES)}, got {item!r}")
+        if side != "any":
+            try:
+                side = integer(side, 1)
+            except ValueError:
+                raise ValueError(f"a site is PLACE:SIDE, SIDE a feature-map side (16) or any, got {item!r}") from None
+        out.append((place, side))
+    return tuple(out)
+
+
 CHECKS = {
     "source": text, "targets": texts, "mode": choice(MODES), "cross_steps": window,
     "word_steps": lambda v: mapping(v, window), "self_steps": window,
@@ -176,7 +202,7 @@ CHECKS = {
     "seed": lambda v: integer(v, 0, MAX_SEED), "steps": lambda v: integer(v, 1, 1000), "guidance": number,
     "height": lambda v: integer(v, 8), "width": lambda v: integer(v, 8), "image": optional(text),
     "inversion": optional(text), "method": choice(METHODS), "inner_steps": lambda v: integer(v, 1),
-    "offsets": offsets,
+    "offsets": offsets, "cross_sites": sites, "self_sites": sites,
 }
 assert CHECKS.keys() == FIELDS.keys()
 
@@ -245,6 +271,8 @@ def command_line(record: Experiment) -> list[str]:
                 out += [flag, *(",".join(words) for words in value)]
             elif field_name == "offsets":
                 out += [flag, ",".join(map(str, value))]
+            elif field_name.endswith("_sites"):
+                out += [flag, ",".join(f"{p}:{s}" for p, s in value)]
             else:
                 out += [flag, window_text(value) if field_name.endswith("_steps") else str(value)]
     return out

@@ -37,7 +37,9 @@ def build_edit(record: Experiment, tokenizer, store: bool = False) -> edits.Prom
                                  start=int(record.blend_start * record.steps))
     return edits.PromptToPrompt(tokenizer, prompts, record.steps, cross,
                                 {"default": record.cross_steps, **record.word_steps}, record.self_steps,
-                                record.self_max_tokens, blend, edits.AttentionStore() if store else None)
+                                record.self_max_tokens, blend, edits.AttentionStore() if store else None,
+                                cross_sites=edits.Sites(items=record.cross_sites or None),
+                                self_sites=edits.Sites(items=record.self_sites or None))
 
 
 @dataclass
@@ -72,6 +74,22 @@ def check_resolution(sd, height: int, width: int, res: int, what: str):
                          f"cross-attention at resolutions {have} only")
 
 
+def check_sites(sd, height: int, width: int, items, is_cross: bool, what: str, max_tokens: int | None = None):
+    """Fail before sampling when a PLACE:SIDE item picks no layer of the model at this size (or,
+    for self-attention, only layers with more keys than the injection takes)."""
+    layers = [s for s in sd.unet.sites(height // 8, width // 8) if s.is_cross == is_cross]
+    for place, side in items:
+        picked = [s for s in layers if edits.picks([(place, side)], s)]
+        if not picked:
+            have = ", ".join(dict.fromkeys(f"{s.place}:{edits.side(s)}" for s in layers))
+            raise InputError(f"{what} {place}:{side}: at {width}x{height} this model has no "
+                             f"{'cross' if is_cross else 'self'}-attention layer there; it has {have}")
+        keys = min(s.res[0] * s.res[1] for s in picked)
+        if max_tokens is not None and keys > max_tokens:
+            raise InputError(f"{what} {place}:{side}: those layers have {keys} keys or more, above the "
+                             f"self_max_tokens (--self-max-tokens) of {max_tokens}, so nothing would be injected")
+
+
 @dataclass
 class Result:
     record: Experiment
@@ -87,6 +105,9 @@ def run(sd, plan: Plan, dtype: str = "float32", progress: bool = True) -> Result
     record, start, inv = plan.record, {}, None
     if plan.edit.blend is not None:
         check_resolution(sd, record.height, record.width, record.blend_res, "blend_res (--blend-res)")
+    check_sites(sd, record.height, record.width, record.cross_sites, True, "cross_sites (--cross-sites)")
+    check_sites(sd, record.height, record.width, record.self_sites, False, "self_sites (--self-sites)",
+                record.self_max_tokens)
     if plan.photo is not None:   # start from the inversion, its null embeddings in every prompt's guidance
         inv = photo.inversion_of(sd, plan.photo, dtype)
         start = {"x_T": inv.x_T, "null_embeddings": inv.null_embeddings}

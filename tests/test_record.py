@@ -69,7 +69,8 @@ def test_command_line_gives_the_record_back():
                           "blend_subtract": [["bicycle"], ["bicycle"], ["bicycle"]], "reweight": {"dog": -1.5},
                           "replace_mapper": "official", "seed": 2 ** 64 - 1, "steps": 7, "guidance": 3.0,
                           "height": 64, "width": 192, "image": "my photo.png", "inversion": "inv.safetensors",
-                          "method": "ddim", "inner_steps": 3, "offsets": [0, 1, 2, 3]})
+                          "method": "ddim", "inner_steps": 3, "offsets": [0, 1, 2, 3],
+                          "cross_sites": "up:16,down:any", "self_sites": [["mid", 4]]})
     argv = ["edit", "--weights", "w", *record.command_line(r), "--out", "o.png"]
     assert commands.record_of(cli.parse(argv)) == r
     plain = Experiment(CAT, (DOG,), "refine")
