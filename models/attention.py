@@ -24,14 +24,20 @@ class Site:
 
 
 class Edit(Protocol):
-    """What the UNet asks of an edit; p2p/ implements it (Prompt-to-Prompt lives there)."""
+    """What the UNet asks of an edit; p2p/ implements it (Prompt-to-Prompt lives there).
+
+    `wants(site)`: does the edit touch this layer? If so, `fused(q, k, v, site)` may return the
+    layer's output itself (an edit linear in the probabilities can act on q, k, v around fused
+    attention); when it returns None, the probabilities are materialised and `__call__` edits them."""
 
     def wants(self, site: Site) -> bool: ...
+    def fused(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, site: Site) -> torch.Tensor | None: ...
     def __call__(self, probs: torch.Tensor, site: Site) -> torch.Tensor: ...
 
 
 class Attention(nn.Module):
-    """Multi-head attention; hands its probabilities to `edit` when the edit wants this site."""
+    """Multi-head attention; hands q, k, v (or, if the edit asks, its probabilities) to `edit`
+    when the edit wants this site."""
 
     def __init__(self, dim: int, site: Site, context_dim: int | None = None):
         super().__init__()
@@ -49,7 +55,7 @@ class Attention(nn.Module):
         site = replace(self.site, res=res) if edit is not None else None
         if site is None or not edit.wants(site):
             out = F.scaled_dot_product_attention(q, k, v)
-        else:
+        elif (out := edit.fused(q, k, v, site)) is None:
             scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5   # b heads n m
             probs = edit(scores.softmax(dim=-1), site)
             out = probs @ v

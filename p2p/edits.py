@@ -8,6 +8,12 @@ A cross edit (Replace, Refine, Reweight) says what the targets' cross-attention 
 E [k, heads, n, m], from the source's maps. `PromptToPrompt` owns the step windows, the
 self-attention injection, the site filter, an optional AttentionStore and LocalBlend, and
 mixes target <- alpha * E + (1 - alpha) * target inside the window, per token column.
+
+Every one of these edits is linear in the probabilities, so where no store or blend needs the
+maps they run around fused attention instead (PromptToPrompt.fused): injecting the source's
+self-attention into a target is SDPA(Q_src, K_src, V_tgt), and a cross edit in the form
+E = P_src L + P_tgt diag(d) (each cross edit's `linear()`) gives
+out = SDPA(Q_src, K_src, L V_tgt) + SDPA(Q_tgt, K_tgt, diag(d) V_tgt).
 """
 from dataclasses import dataclass
 
@@ -70,6 +76,10 @@ class Replace:
     def __call__(self, src, tgt):   # src [heads, n, m], tgt [k, heads, n, m] -> [k, heads, n, m]
         return torch.einsum("hni,kij->khnj", src, self.mappers.to(src))
 
+    def linear(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L [k, m, m], d [k, m]) with E = P_src L + P_tgt diag(d)."""
+        return self.mappers, torch.zeros(self.mappers.shape[:2])
+
 
 class Refine:
     """Added words: E = source columns gathered along the token alignment; new tokens keep their own."""
@@ -83,6 +93,10 @@ class Refine:
         gathered = torch.stack([src[..., i] for i in self.index.to(src.device)])   # [k, heads, n, m]
         a = self.aligned.to(src)[:, None, None, :]
         return gathered * a + tgt * (1 - a)
+
+    def linear(self) -> tuple[torch.Tensor, torch.Tensor]:
+        gather = F.one_hot(self.index, MAX_TOKENS).transpose(1, 2).float()   # [k, m, m]: source i -> target j
+        return gather * self.aligned[:, None, :], 1 - self.aligned
 
 
 class Reweight:
@@ -102,6 +116,12 @@ class Reweight:
     def __call__(self, src, tgt):
         e = self.prev(src, tgt) if self.prev is not None else src.expand_as(tgt)
         return e * self.scale.to(src)[:, None, None, :]
+
+    def linear(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.prev is None:
+            return torch.diag_embed(self.scale), torch.zeros_like(self.scale)
+        mix, own = self.prev.linear()
+        return mix * self.scale[:, None, :], own * self.scale
 
 
 # ---- the step windows -------------------------------------------------------------------
@@ -166,6 +186,9 @@ class AttentionStore:
 
     def wants(self, site: Site) -> bool:
         return self.sites(site, self.step)
+
+    def fused(self, q, k, v, site: Site):
+        return None   # a store needs the probabilities
 
     def __call__(self, probs: torch.Tensor, site: Site) -> torch.Tensor:
         self.add(probs[probs.shape[0] // 2:], site, self.step)   # the conditional half
@@ -251,7 +274,9 @@ class PromptToPrompt:
         self.alphas = cross_alphas(tokenizer, prompts, steps, cross_steps)
         self.self_steps, self.self_max_tokens = self_window(steps, self_steps), self_max_tokens
         self.blend = blend
-        self.store = store if store is not None or blend is None else AttentionStore(Sites(self=False))
+        # a store only for the blend keeps just the maps the blend reads, so every other layer stays fused
+        self.store = store if store is not None or blend is None else \
+            AttentionStore(Sites(places=("down", "up"), resolutions=(blend.res,), self=False))
         self.step = 0   # set by the sampler before each UNet call
 
     def edits(self, site: Site) -> bool:
@@ -268,6 +293,27 @@ class PromptToPrompt:
 
     def wants(self, site: Site) -> bool:
         return self.edits(site) or self.stores(site)
+
+    def fused(self, q, k, v, site: Site):
+        """The layer's output [2b, heads, n, d] from q, k, v [2b, heads, n, d] around fused attention,
+        or None where the maps must be materialised (a store or a blend reads them)."""
+        if self.stores(site):
+            return None
+        out = F.scaled_dot_product_attention(q, k, v)
+        halves = [self.b, 0] if self.edit_uncond else [self.b]   # row offsets of the halves to edit
+        for h in halves:
+            src, tgt = slice(h, h + 1), slice(h + 1, h + self.b)
+            if site.is_cross:
+                mix, own = self.cross.linear()                              # [k, m, m], [k, m]
+                a = self.alphas[self.step]                                  # [k, m]
+                mix, own = (mix * a[:, None, :]).to(v), (own * a + 1 - a).to(v)
+                from_src = torch.einsum("kij,khjd->khid", mix, v[tgt])      # L V_tgt
+                new = (F.scaled_dot_product_attention(q[src].expand_as(q[tgt]), k[src].expand_as(k[tgt]), from_src)
+                       + F.scaled_dot_product_attention(q[tgt], k[tgt], own[:, None, :, None] * v[tgt]))
+            else:   # the source's probabilities on the targets' values
+                new = F.scaled_dot_product_attention(q[src].expand_as(q[tgt]), k[src].expand_as(k[tgt]), v[tgt])
+            out = torch.cat([out[:h + 1], new, out[h + self.b:]])
+        return out
 
     def edit_half(self, probs, site):   # probs [b, heads, n, m] for [source, targets...]
         src, tgt = probs[0], probs[1:]

@@ -37,6 +37,9 @@ class Naive(edits.PromptToPrompt):
     def wants(self, site):
         return True
 
+    def fused(self, q, k, v, site):
+        return None   # every layer materialises
+
     def __call__(self, probs, site):
         return super().__call__(probs, site) if super().wants(site) else probs
 

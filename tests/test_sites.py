@@ -38,6 +38,9 @@ def test_sites_lists_every_layer_in_call_order_from_the_headers_alone(tiny_file,
         def wants(self, site):
             return True
 
+        def fused(self, q, k, v, site):
+            return None
+
         def __call__(self, probs, site):
             seen.append(site.name)
             return probs
