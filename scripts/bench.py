@@ -3,14 +3,18 @@
     python scripts/bench.py --weights CKPT [--size 512] [--steps 3] [--repeats 2] [--naive-attention]
 
 Runs, on the same two-prompt batch and the same model:
-  plain  generation of [source, target] with no edit (every attention fused);
-  edit   a Prompt-to-Prompt replace with self-attention injection (16x16 and below), both
-         windows covering every step measured;
-  naive  (with --naive-attention) the same edit, but every attention layer materialises its
-         probabilities and passes them through the callback: the cost profile of the
-         official implementation, which patches every attention layer.
-It prints seconds per step, the ratios edit/plain and naive/edit, and the peak memory of
-each run above the loaded model (CUDA: max allocated; CPU: the resident set, polled). The
+  plain     generation of [source, target] with no edit (every attention fused);
+  edit      a Prompt-to-Prompt replace with self-attention injection (16x16 and below), both
+            windows covering every step measured;
+  edit-all  the same with self-attention injected at every resolution (--self-max-tokens 4096
+            at 512 px), which runs as SDPA(Q_src, K_src, V_tgt) around fused attention;
+  edit-all-maps (with --materialised) edit-all with every edited layer materialising its
+            probabilities (4096x4096 per head at 512 px): what injection cost before fusing;
+  naive     (with --naive-attention) the edit, but every attention layer materialises its
+            probabilities and passes them through the callback: the cost profile of the
+            official implementation, which patches every attention layer.
+It prints seconds per step and the peak memory of each run above the loaded model (CUDA: max
+allocated; CPU: the resident set, polled), each as a ratio to plain's too. The
 weights do not change the cost, so a random full-size checkpoint from
 `scripts/make_tiny.py OUT --full` measures what a real SD v1.5 would.
 """
@@ -28,6 +32,13 @@ from models.checkpoint import load  # noqa: E402
 from p2p import edits, sampler  # noqa: E402
 
 PROMPTS = ["a cat riding a bicycle", "a dog riding a bicycle"]
+
+
+class Materialised(edits.PromptToPrompt):
+    """The same edit, materialising the probabilities of every layer it edits."""
+
+    def fused(self, q, k, v, site):
+        return None
 
 
 class Naive(edits.PromptToPrompt):
@@ -93,15 +104,20 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--naive-attention", action="store_true", help="also run the naive (official-cost) mode")
+    ap.add_argument("--materialised", action="store_true", help="also run edit-all with materialised maps")
     args = ap.parse_args()
     sd = load(args.weights, args.device, getattr(torch, args.dtype))
     tok = sd.text.tokenizer
 
-    def p2p(steps, kind=edits.PromptToPrompt):
-        # windows over every benchmarked step (the paper's 0.8 / 0.4 would leave a few steps unedited)
-        return kind(tok, PROMPTS, steps, edits.Replace(tok, PROMPTS), cross_steps=1.0, self_steps=1.0)
+    every = (args.size // 8) ** 2   # the keys of the largest self-attention
 
-    runs = [("plain", lambda s: None), ("edit", p2p)]
+    def p2p(steps, kind=edits.PromptToPrompt, max_tokens=256):
+        # windows over every benchmarked step (the paper's 0.8 / 0.4 would leave a few steps unedited)
+        return kind(tok, PROMPTS, steps, edits.Replace(tok, PROMPTS), cross_steps=1.0, self_steps=1.0,
+                    self_max_tokens=max_tokens)
+
+    runs = [("plain", lambda s: None), ("edit", p2p), ("edit-all", lambda s: p2p(s, max_tokens=every))]
+    runs += [("edit-all-maps", lambda s: p2p(s, Materialised, every))] if args.materialised else []
     runs += [("naive", lambda s: p2p(s, Naive))] if args.naive_attention else []
     sampler.generate(sd, PROMPTS, steps=1, height=args.size, width=args.size, progress=False)   # warm-up
     # the modes take turns, best of --repeats each, so drift of the machine's speed hits all alike
@@ -112,12 +128,10 @@ def main():
     results = {name: (min(s for s, _ in t), max(mb for _, mb in t)) for name, t in trials.items()}
     print(f"{sd.name}, {args.size}x{args.size}, batch of {len(PROMPTS)} prompts, {args.steps} steps, "
           f"best of {args.repeats}, {args.device} {args.dtype}")
-    print("| run | s/step | peak memory (MiB) |\n| --- | --- | --- |")
+    plain_s, plain_mb = results["plain"]
+    print("| run | s/step | / plain | peak memory (MiB) | / plain |\n| --- | --- | --- | --- | --- |")
     for name, (s, mb) in results.items():
-        print(f"| {name} | {s:.2f} | {mb:.0f} |")
-    print(f"edit / plain = {results['edit'][0] / results['plain'][0]:.3f}")
-    if "naive" in results:
-        print(f"naive / edit = {results['naive'][0] / results['edit'][0]:.3f}")
+        print(f"| {name} | {s:.2f} | {s / plain_s:.3f} | {mb:.0f} | {mb / max(plain_mb, 1e-9):.2f} |")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,81 @@
+"""p2p/metrics.py on hand-computed cases and against scikit-image's values (tests/golden/metrics.json)."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models import InputError
+from p2p import metrics
+
+from conftest import GOLDEN, script
+
+
+def test_mse_and_psnr_by_hand():
+    a, b = torch.zeros(3, 4, 4), torch.zeros(3, 4, 4)
+    b[1, 2, 3] = 1.0                                       # one channel of one pixel
+    assert metrics.mse(a, b) == pytest.approx(1 / 48)
+    region = torch.zeros(4, 4, dtype=torch.bool)
+    region[2, 3] = True                                    # the changed pixel is the edit region
+    assert metrics.mse(a, b, region) == 0 and metrics.psnr(a, b, region) == math.inf
+    assert metrics.psnr(a, a + 0.1) == pytest.approx(20.0)     # MSE 0.01
+    with pytest.raises(InputError, match="no background"):
+        metrics.mse(a, b, torch.ones(4, 4, dtype=torch.bool))
+
+
+def test_ssim_by_hand():
+    x = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert metrics.ssim(x, x) == pytest.approx(1.0, abs=1e-12)
+    # constant images: no variance, so ssim = (2 ab + C1) / (a^2 + b^2 + C1)
+    a, b, c1 = 0.2, 0.4, 0.01 ** 2
+    assert metrics.ssim(torch.full((3, 12, 12), a, dtype=torch.float64), torch.full((3, 12, 12), b, dtype=torch.float64)) == \
+        pytest.approx((2 * a * b + c1) / (a * a + b * b + c1), abs=1e-12)
+    assert metrics.ssim_map(x, x).shape == (3, 6, 6)       # the 11x11 window's valid positions
+    assert metrics.gaussian_window().sum().item() == pytest.approx(1.0)
+
+
+def test_psnr_and_ssim_match_scikit_image():
+    golden, make = json.loads((GOLDEN / "metrics.json").read_text()), script("make_golden_metrics")
+    for case in golden["cases"]:
+        a, b = (torch.from_numpy(x) for x in make.pair(case["seed"], case["height"], case["width"]))
+        assert metrics.psnr(a, b) == pytest.approx(case["psnr"], abs=1e-9)
+        assert metrics.ssim(a, b) == pytest.approx(case["ssim"], abs=1e-9)
+
+
+def test_masked_ssim_averages_the_background_only():
+    x = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(1))
+    y = x.clone()
+    y[:, :16] = 1 - y[:, :16]                             # the top half changes
+    region = torch.zeros(32, 32, dtype=torch.bool)
+    region[:16] = True
+    s = metrics.ssim_map(x, y)[:, 11:, :]                 # map rows 11.. are image rows 16..
+    assert metrics.ssim(x, y, region) == pytest.approx(s.mean().item())
+    assert metrics.ssim(x, y, region) > metrics.ssim(x, y)
+
+
+def test_locality():
+    a = torch.zeros(3, 4, 4)
+    b = a.clone()
+    b[:, 0, 0], b[:, 3, 3] = 1.0, 0.5                      # change 3 inside, 1.5 outside
+    region = torch.zeros(4, 4, dtype=torch.bool)
+    region[0, 0] = True
+    assert metrics.locality(a, b, region) == pytest.approx(3 / 4.5)
+    assert math.isnan(metrics.locality(a, a, region))
+
+
+def test_attention_region_and_pil_images():
+    region = metrics.attention_region(torch.tensor([[1.0, 0.2], [0.5, 0.0]]), (4, 4), threshold=0.3)
+    assert region.tolist() == [[True, True, False, False]] * 4
+    pixels = np.zeros((16, 16, 3), dtype=np.uint8)
+    pixels[0, 0] = 255
+    assert metrics.mse(Image.fromarray(pixels), np.zeros_like(pixels)) == pytest.approx(3 / (3 * 256))
+    with pytest.raises(InputError, match="does not fit"):
+        metrics.mse(pixels, pixels, torch.zeros(3, 3, dtype=torch.bool))
+    inside = torch.zeros(16, 16, dtype=torch.bool)
+    inside[0, 0] = True
+    got = metrics.pixel_metrics(Image.fromarray(pixels), np.zeros_like(pixels), inside)
+    # the background is untouched, though SSIM windows near the region see into it
+    assert got == {"mse": 0.0, "psnr": math.inf, "ssim": pytest.approx(1.0, abs=1e-4), "locality": 1.0}
+    assert got["ssim"] < 1
