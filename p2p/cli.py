@@ -1,4 +1,4 @@
-"""The `p2p` command: generate, edit, invert, maps, sites, download.
+"""The `p2p` command: generate, edit, invert, maps, sites, sweep, download.
 
 This file parses and checks the flags; p2p/commands.py does the work. It imports only the
 standard library, so `--help` and usage errors are instant and Ctrl-C while torch loads is
@@ -227,6 +227,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--components", type=at_least(0), default=0, metavar="N",
                    help="also draw the top N principal components of self-attention at --res")
 
+    p = commands.add_parser("sweep", help="a grid of edits from a JSON spec: results, tables, contact sheets")
+    p.add_argument("spec", type=Path, help="the sweep spec: base record, cases, axes (see the README's Ablations)")
+    p.add_argument("--weights", type=Path, help="SD v1 checkpoint (not needed with --report)")
+    p.add_argument("--device", choices=["cpu", "cuda", "mps"], help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and activations (default float32)")
+    p.add_argument("--out", type=Path, required=True, help="the sweep's folder: results*.jsonl, results.csv, "
+                   "summary.md, sheet-AXIS.png, cells/ (made if missing; a rerun resumes)")
+    p.add_argument("--shard", metavar="K/N", help="run cell i only if i %% N == K (default: RANK/WORLD_SIZE or "
+                   "SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT from the environment, else all)")
+    p.add_argument("--base", nargs="+", action="extend", default=[], metavar="FIELD=VALUE",
+                   help="change a base field of every cell (a JSON value, or text), e.g. steps=10 height=256")
+    p.add_argument("--report", action="store_true", help="only rebuild results.csv, summary.md and the sheets "
+                   "from the results so far")
+
     p = commands.add_parser("sites", help="list every attention layer: call order, name, place, map size")
     p.add_argument("--weights", type=Path, required=True, help="SD v1 checkpoint (only its headers are read)")
     p.add_argument("--height", type=at_least(8), default=512, help="image height (default 512)")
@@ -268,7 +282,8 @@ def main(argv=None) -> int:
 
         from . import commands
         run = {"generate": commands.generate, "edit": commands.edit, "invert": commands.invert,
-               "maps": commands.maps, "sites": commands.sites, "download": commands.download}[args.command]
+               "maps": commands.maps, "sites": commands.sites, "sweep": commands.sweep,
+               "download": commands.download}[args.command]
         try:
             run(args)
         except InputError as e:

@@ -221,19 +221,49 @@ def write_maps(sd, prompt: str, res: int, window: tuple[int, int], components: i
     run.check_resolution(sd, h, w, res, "--res")
     run.check_sites(sd, h, w, items, True, "--sites")
     if items and not any(edits.picks(items, s) and edits.side(s) == res for s in sd.unet.sites(h // 8, w // 8)):
-        raise InputError(f"--sites {','.join(f'{p}:{q}' for p, q in items)} picks no layer at --res {res}")
+        raise InputError(f"--sites {','.join(record.site_text(p, q) for p, q in items)} picks no layer at --res {res}")
     store = edits.AttentionStore(edits.Sites(places=None if items else ("down", "up"), resolutions=(res,),
                                              items=items or None, self=components > 0, steps=window))
     latents = sampler.generate(sd, [prompt], edit=store, **sampling)
     images = output.to_pil(sampler.decode(sd, latents))
     metadata = {"prompt": prompt, "res": str(res), "steps_range": f"{window[0]}:{window[1]}",
-                "sites": ",".join(f"{p}:{q}" for p, q in items),
+                "sites": ",".join(record.site_text(p, q) for p, q in items),
                 "components": str(components), **run_metadata("maps", sd, dtype, **sampling)}
     grid = viz.token_maps_grid(images, [prompt], store, load_tokenizer(), res)
     if components:
         grid = viz.stack([grid, viz.components_grid(viz.self_components(store, res, components))])
     output.save_image(out, grid, metadata)
     wrote(out)
+
+
+# ---- p2p sweep -------------------------------------------------------------------------
+
+def sweep(args):
+    from . import sweep as sweeps
+    spec = sweeps.read_spec(args.spec)
+    overrides = {}
+    for item in args.base:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise InputError(f"--base takes FIELD=VALUE, got {item!r}")
+        try:
+            overrides[name] = json.loads(value)
+        except ValueError:
+            overrides[name] = value            # text, e.g. a prompt or a site list
+    sweeps.check_values(overrides, "--base")
+    if args.report:
+        sweeps.report(spec, sweeps.cells(spec, overrides), args.out)
+        wrote(args.out / "summary.md")
+        return
+    if args.weights is None:
+        raise InputError("--weights is required (only --report works without a model)")
+    if not args.out.parent.is_dir():
+        raise InputError(f"output directory does not exist: {args.out.parent}")
+    if args.out.exists() and not args.out.is_dir():
+        raise InputError(f"--out {args.out} is a file: a sweep writes a folder")
+    sweeps.sweep(spec, args.weights, args.out, sweeps.shard_of(args.shard), overrides,
+                 lambda: load_model(args.weights, args.device, args.dtype), args.dtype)
+    wrote(args.out / "summary.md")
 
 
 # ---- p2p sites -------------------------------------------------------------------------

@@ -37,8 +37,9 @@ def side(site: Site) -> int:
 
 
 def picks(items, site: Site) -> bool:
-    """Whether a site is one of the (place, side) items, "any" matching every place or side."""
-    return any(p in ("any", site.place) and s in ("any", side(site)) for p, s in items)
+    """Whether a site is one of the (place, side) items: "any" matches every place or side, a
+    side "@L" the resolution level L (see p2p.record.sites)."""
+    return any(p in ("any", site.place) and (s in ("any", side(site)) or s == f"@{site.level}") for p, s in items)
 
 
 @dataclass(frozen=True)
@@ -216,6 +217,7 @@ class LocalBlend:
         self.select = self.columns(tokenizer, prompts, words)
         self.subtract = self.columns(tokenizer, prompts, subtract) if subtract else None
         self.threshold, self.res, self.start = threshold, res, start
+        self.last_mask = None
 
     @staticmethod
     def columns(tokenizer, prompts, words) -> torch.Tensor:
@@ -246,6 +248,7 @@ class LocalBlend:
         mask = self.mask(maps, self.select, x.shape[2:], pool=True)
         if self.subtract is not None:
             mask = mask & ~self.mask(maps, self.subtract, x.shape[2:], pool=False)
+        self.last_mask = mask                                     # [b, 1, h, w]: the region metrics read
         return x[:1] + mask.to(x) * (x - x[:1])
 
 

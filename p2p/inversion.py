@@ -7,6 +7,7 @@ gives the photo back; Prompt-to-Prompt then edits from there. Letters: h w laten
 (image size / 8), m = 77 tokens, D the text width (768 in SD v1).
 """
 import hashlib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,13 +17,13 @@ import torch.nn.functional as F
 from einops import rearrange
 from PIL import Image, ImageOps, UnidentifiedImageError
 from safetensors import SafetensorError, safe_open
+from tqdm import tqdm
 
 from models import InputError, ddim
 from models.checkpoint import StableDiffusion
 
 from . import check_finite
 from .output import save_tensors
-from .progress import Progress
 from .sampler import guidance_batch
 
 MIN_SIZE = 64          # 8x8 latents: the UNet's three stride-2 convs take them down to 1x1
@@ -100,7 +101,8 @@ def ddim_inversion(sd: StableDiffusion, z0, cond, steps: int, guidance: float = 
                    progress: bool = True) -> list[torch.Tensor]:
     """The trajectory [z0, z_1, ..., z_T] (steps + 1 latents): eps at x_{t-1} stands in for eps at x_t."""
     trajectory = [z0.float()]
-    for t, alpha_t, alpha_prev in Progress(ddim.schedule(steps)[::-1], desc="DDIM inversion", enabled=progress):
+    for t, alpha_t, alpha_prev in tqdm(ddim.schedule(steps)[::-1], desc="DDIM inversion", disable=not progress,
+                                       leave=None, file=sys.stderr):
         x = trajectory[-1]
         trajectory.append(invert_step(x, guided_eps(sd, x, t, cond, null, guidance), alpha_t, alpha_prev))
     return trajectory
@@ -116,7 +118,7 @@ def null_text_inversion(sd: StableDiffusion, trajectory: list[torch.Tensor], con
         raise InputError(f"null-text inversion takes 1 to {MAX_NULL_TEXT_STEPS} steps and at least one inner "
                          f"step (got {steps} and {inner_steps})")
     x, nulls = trajectory[-1], []
-    bar = Progress(ddim.schedule(steps), desc="null-text", enabled=progress)
+    bar = tqdm(ddim.schedule(steps), desc="null-text", disable=not progress, leave=None, file=sys.stderr)
     for i, (t, alpha_t, alpha_prev) in enumerate(bar):
         target = trajectory[steps - i - 1]
         with torch.no_grad():
@@ -132,7 +134,7 @@ def null_text_inversion(sd: StableDiffusion, trajectory: list[torch.Tensor], con
             adam.step()
             if loss.item() < EARLY_STOP + i * EARLY_STOP_SLOPE:   # the loss before this update, as officially
                 break
-        bar.set_postfix(f"loss {loss.item():.2e} after {j + 1} Adam steps")
+        bar.set_postfix_str(f"loss {loss.item():.2e} after {j + 1} Adam steps")
         null = null.detach()
         nulls.append(null)
         with torch.no_grad():

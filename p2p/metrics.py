@@ -2,7 +2,8 @@
 
 Images are float tensors [3, H, W] in [0, 1] (`as_tensor` takes PIL images too); a region is a
 boolean mask [H, W], True inside the edit region. The background is everything outside it.
-With no region, the whole image is the background.
+With no region, the whole image is the background; a region that leaves no background gives
+nan for the background metrics.
 
     MSE(a, b; B)  = mean over pixels p in B and channels c of (a[c, p] - b[c, p])^2
     PSNR(a, b; B) = 10 log10(1 / MSE)                       (data range 1; inf when equal)
@@ -47,13 +48,13 @@ def mse(a, b, region=None) -> float:
     a, b = as_tensor(a), as_tensor(b)
     keep = background(region, a.shape)
     if not keep.any():
-        raise InputError("the edit region covers the whole image: there is no background to compare")
+        return math.nan                                    # the region is the whole image: no background
     return (a - b).square()[:, keep].mean().item()
 
 
 def psnr(a, b, region=None) -> float:
     error = mse(a, b, region)
-    return math.inf if error == 0 else 10 * math.log10(1 / error)
+    return math.inf if error == 0 else math.nan if math.isnan(error) else 10 * math.log10(1 / error)
 
 
 def gaussian_window() -> torch.Tensor:
@@ -80,7 +81,7 @@ def ssim(a, b, region=None) -> float:
     s = ssim_map(a, b)
     keep = background(region, as_tensor(a).shape)[WINDOW // 2:-(WINDOW // 2), WINDOW // 2:-(WINDOW // 2)]
     if not keep.any():
-        raise InputError("no background pixel lies where the SSIM window fits")
+        return math.nan                                    # no background pixel where the window fits
     return s[:, keep].mean().item()
 
 

@@ -117,6 +117,18 @@ def labelled_row(images: list[Image.Image], labels: list[str]) -> Image.Image:
     return row
 
 
+def text_tile(text: str, size: tuple[int, int]) -> Image.Image:
+    """A white tile of `size` with the text centred on it, wrapped to its width (a row's title)."""
+    tile = Image.new("RGB", size, "white")
+    font = _label_font(text)
+    lines = _wrap(text, font, size[0] - 2 * GAP)
+    height = font.getbbox("Ag")[3] + 4
+    draw, top = ImageDraw.Draw(tile), (size[1] - height * len(lines)) / 2
+    for i, line in enumerate(lines):
+        draw.text(((size[0] - font.getlength(line)) / 2, top + i * height), line, fill="black", font=font)
+    return tile
+
+
 # ---- files ------------------------------------------------------------------------------
 
 def _temp(path: Path) -> Path:

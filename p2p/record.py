@@ -174,23 +174,34 @@ PLACES = ("down", "mid", "up", "any")
 
 def sites(value) -> tuple[tuple[str, int | str], ...]:
     """Layers as PLACE:SIDE items: "down:16,up:16", ["up:16"] or [["up", 16]]; PLACE down, mid, up
-    or any, SIDE the short side of the layer's feature map or any; "" or [] is every layer."""
+    or any, SIDE the short side of the layer's feature map or any. PLACE@LEVEL ("up@1", kept as
+    ("up", "@1")) picks by resolution level instead, the same at every image size. "" or [] is
+    every layer."""
     items = [v for v in value.split(",") if v] if isinstance(value, str) else value
     if not isinstance(items, (list, tuple)):
         raise ValueError(f"PLACE:SIDE items, got {value!r}")
     out = []
-    for item in items:
+    for given in items:
+        item = given
+        if isinstance(item, str) and "@" in item:
+            place, level = item.split("@", 1)
+            item = (place, "@" + level)
         place, side = item.split(":", 1) if isinstance(item, str) and ":" in item else \
             item if isinstance(item, (list, tuple)) and len(item) == 2 else (None, None)
         if place not in PLACES:
-            raise ValueError(f"a site is PLACE:SIDE, PLACE one of {', '.join(PLACES)}, got {item!r}")
-        if side != "any":
-            try:
-                side = integer(side, 1)
-            except ValueError:
-                raise ValueError(f"a site is PLACE:SIDE, SIDE a feature-map side (16) or any, got {item!r}") from None
+            raise ValueError(f"a site is PLACE:SIDE, PLACE one of {', '.join(PLACES)}, got {given!r}")
+        try:
+            side = side if side == "any" else "@" + str(integer(side[1:], 0)) \
+                if isinstance(side, str) and side.startswith("@") else integer(side, 1)
+        except (ValueError, TypeError):
+            raise ValueError(f"a site is PLACE:SIDE (SIDE a feature-map side, 16, or any) or PLACE@LEVEL, "
+                             f"got {given!r}") from None
         out.append((place, side))
     return tuple(out)
+
+
+def site_text(place: str, side) -> str:
+    return f"{place}{side}" if isinstance(side, str) and side.startswith("@") else f"{place}:{side}"
 
 
 CHECKS = {
@@ -272,7 +283,7 @@ def command_line(record: Experiment) -> list[str]:
             elif field_name == "offsets":
                 out += [flag, ",".join(map(str, value))]
             elif field_name.endswith("_sites"):
-                out += [flag, ",".join(f"{p}:{s}" for p, s in value)]
+                out += [flag, ",".join(site_text(p, s) for p, s in value)]
             else:
                 out += [flag, window_text(value) if field_name.endswith("_steps") else str(value)]
     return out

@@ -17,7 +17,7 @@ from models.text import check_prompts, load_tokenizer
 
 from . import edits, output, photo, sampler
 from .inversion import Inversion
-from .record import Experiment
+from .record import Experiment, site_text
 
 
 def build_edit(record: Experiment, tokenizer, store: bool = False) -> edits.PromptToPrompt:
@@ -82,11 +82,11 @@ def check_sites(sd, height: int, width: int, items, is_cross: bool, what: str, m
         picked = [s for s in layers if edits.picks([(place, side)], s)]
         if not picked:
             have = ", ".join(dict.fromkeys(f"{s.place}:{edits.side(s)}" for s in layers))
-            raise InputError(f"{what} {place}:{side}: at {width}x{height} this model has no "
+            raise InputError(f"{what} {site_text(place, side)}: at {width}x{height} this model has no "
                              f"{'cross' if is_cross else 'self'}-attention layer there; it has {have}")
         keys = min(s.res[0] * s.res[1] for s in picked)
         if max_tokens is not None and keys > max_tokens:
-            raise InputError(f"{what} {place}:{side}: those layers have {keys} keys or more, above the "
+            raise InputError(f"{what} {site_text(place, side)}: those layers have {keys} keys or more, above the "
                              f"self_max_tokens (--self-max-tokens) of {max_tokens}, so nothing would be injected")
 
 
@@ -100,14 +100,20 @@ class Result:
     photo: Image.Image | None        # the photo as the model saw it
 
 
-def run(sd, plan: Plan, dtype: str = "float32", progress: bool = True) -> Result:
-    """Sample the plan's record with its edit (from its photo's inversion, for a photo edit)."""
-    record, start, inv = plan.record, {}, None
-    if plan.edit.blend is not None:
+def check_model(sd, record: Experiment):
+    """What only the architecture can tell: the blend's resolution and the chosen layers exist at
+    this size (a model loaded on the "meta" device is enough)."""
+    if record.blend:
         check_resolution(sd, record.height, record.width, record.blend_res, "blend_res (--blend-res)")
     check_sites(sd, record.height, record.width, record.cross_sites, True, "cross_sites (--cross-sites)")
     check_sites(sd, record.height, record.width, record.self_sites, False, "self_sites (--self-sites)",
                 record.self_max_tokens)
+
+
+def run(sd, plan: Plan, dtype: str = "float32", progress: bool = True) -> Result:
+    """Sample the plan's record with its edit (from its photo's inversion, for a photo edit)."""
+    record, start, inv = plan.record, {}, None
+    check_model(sd, record)
     if plan.photo is not None:   # start from the inversion, its null embeddings in every prompt's guidance
         inv = photo.inversion_of(sd, plan.photo, dtype)
         start = {"x_T": inv.x_T, "null_embeddings": inv.null_embeddings}

@@ -2,13 +2,15 @@
 
 Letters: b batch (prompts), h w latent size (image size / 8), m = 77 tokens.
 """
+import sys
+
 import torch
+from tqdm import tqdm
 
 from models import InputError, ddim, plms
 from models.checkpoint import StableDiffusion
 
 from . import check_finite
-from .progress import Progress
 
 # A sampler is a module with schedule(steps) and sample(denoise, x, schedule, after_step).
 SAMPLERS = {"ddim": ddim, "plms": plms}
@@ -75,7 +77,9 @@ def generate(sd: StableDiffusion, prompts: list[str], seed: int = 0, steps: int 
 
     after = getattr(edit, "after_step", None)
     method = SAMPLERS[sampler]
-    return method.sample(denoise, x, Progress(method.schedule(steps), desc="sampling", enabled=progress), after)
+    # leave=None: a bar of its own stays on screen, one nested under a sweep's goes when done
+    calls = tqdm(method.schedule(steps), desc="sampling", disable=not progress, leave=None, file=sys.stderr)
+    return method.sample(denoise, x, calls, after)
 
 
 @torch.no_grad()

@@ -101,7 +101,7 @@ def test_plms_edit_records_its_sampler_mapper_and_blend(tiny_file, tmp_path, cap
                     "official", "--blend-start", "0.5", "--blend-subtract", "squirrel", "squirrel", *FAST,
                     "--out", out, "--latents-out", lat)
     assert code == 0, err
-    assert "sampling  5/5" in err                               # 4 steps, 5 UNet calls
+    assert "sampling: 100%" in err and "5/5 [" in err            # 4 steps, 5 UNet calls
     meta = Image.open(out).text
     assert (meta["sampler"], meta["replace_mapper"], meta["blend_start"]) == ("plms", "official", "0.5")
     assert json.loads(meta["blend_subtract"]) == [["squirrel"], ["squirrel"]]

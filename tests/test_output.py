@@ -15,7 +15,6 @@ from safetensors import safe_open
 from models import InputError
 from p2p import output
 from p2p.output import GAP, labelled_row, save_png, save_tensors, to_pil
-from p2p.progress import Progress
 
 
 def _image(width, height, seed):
@@ -315,36 +314,10 @@ def test_long_labels_stop_at_three_lines():
     assert output._wrap("a cat", font, 64) == ["a cat"]
 
 
-def test_progress_disabled_prints_nothing(capsys):
-    assert list(Progress(range(50), enabled=False)) == list(range(50))
-    assert capsys.readouterr() == ("", "")
-
-
-def test_progress_in_a_log_prints_a_line_per_tenth(capsys):
-    bar = Progress(range(50), desc="inverting")
-    for i in bar:
-        bar.set_postfix(f"loss {i}")
+def test_progress_bars_are_tqdm_bars_on_stderr(tiny, capsys):
+    from p2p.sampler import generate
+    generate(tiny, ["a cat"], steps=4, height=64, width=64, sampler="plms")
     out, err = capsys.readouterr()
-    lines = err.splitlines()
-    assert out == "" and len(lines) == 10 and err.endswith("\n") and "\r" not in err
-    assert lines[0].startswith("inverting  5/50 [##..................]")
-    assert lines[-1].startswith("inverting  50/50 [####################]") and lines[-1].endswith("loss 49")
-
-
-def test_progress_without_total_prints_the_final_line(capsys):
-    assert list(Progress(iter("abc"))) == ["a", "b", "c"]
-    assert capsys.readouterr().err.startswith("sampling  3 ")
-
-
-def test_progress_on_a_terminal_redraws_one_line(monkeypatch):
-    class Terminal(io.StringIO):
-        def isatty(self):
-            return True
-
-    monkeypatch.setattr(sys, "stderr", Terminal())
-    for i in Progress(range(50)):
-        if i == 9:
-            break
-    drawn = sys.stderr.getvalue()
-    assert drawn.count("\r") == 9 and drawn.endswith("\n") and drawn.count("\n") == 1
-    assert "9/50 [###.................]" in drawn
+    assert out == "" and "sampling: 100%" in err and "5/5 [" in err and err.endswith("\n")
+    generate(tiny, ["a cat"], steps=4, height=64, width=64, progress=False)
+    assert capsys.readouterr() == ("", "")

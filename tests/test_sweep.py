@@ -1,0 +1,142 @@
+"""`p2p sweep`: cells, shards, resuming after an interruption, the tables and sheets, bad specs."""
+import json
+import re
+
+import pytest
+from PIL import Image
+
+from models import InputError
+from models.checkpoint import load
+from p2p import metrics, sweep
+from p2p.cli import main
+
+from conftest import ROOT
+
+CAT, DOG = "a cat riding a bicycle", "a dog riding a bicycle"
+HOUSE = "a photo of a house on a mountain"
+SPEC = {"base": {"steps": 2, "height": 128, "width": 128, "blend_threshold": 0.75},
+        "cases": [{"name": "cat", "source": CAT, "targets": [DOG], "mode": "replace", "blend": [["cat"], ["dog"]]},
+                  {"name": "house", "source": HOUSE, "targets": [HOUSE + " at winter"], "mode": "refine"}],
+        "axes": {"cross_sites": ["any@0", "any:any"], "self_max_tokens": [0, 256], "seed": [0, 1]}}
+
+
+def test_cells_are_every_case_times_the_grid_in_a_fixed_order():
+    cells = sweep.cells(SPEC)
+    assert len(cells) == 2 * 2 * 2 * 2 and [c.index for c in cells] == list(range(16))
+    assert [c.case for c in cells] == ["cat"] * 8 + ["house"] * 8
+    assert dict(cells[1].axes) == {"cross_sites": "any@0", "self_max_tokens": 0, "seed": 1}
+    assert cells[1].record.seed == 1 and cells[1].record.cross_sites == (("any", "@0"),)
+    assert len({c.key for c in cells}) == 16
+    zipped = sweep.cells({**SPEC, "axes": {"seed": [0, 1], "guidance": [5, 9]}, "combine": "zip"})
+    assert [(c.record.seed, c.record.guidance) for c in zipped[:2]] == [(0, 5.0), (1, 9.0)] and len(zipped) == 4
+    assert sweep.cells(SPEC, {"steps": 7})[0].record.steps == 7
+
+
+def test_shards_split_the_cells_and_come_from_the_flag_or_the_environment(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN"):
+        monkeypatch.delenv(name, raising=False)
+    assert sweep.shard_of(None) == (0, 1) and sweep.shard_of("2/3") == (2, 3)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "5")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "3")
+    assert sweep.shard_of(None) == (2, 4)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert sweep.shard_of(None) == (1, 8)                  # torchrun's variables come first
+    for bad in ("3/3", "a/b", "1"):
+        with pytest.raises(InputError, match="shard"):
+            sweep.shard_of(bad)
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"cases": [{"name": "cat", "source": CAT, "targets": [DOG], "mode": "replace", "colour": 1}]},
+     "spec.cases[0]: unknown field 'colour'"),
+    ({"axes": {"seed": [0, -1]}}, "spec.axes.seed[1]: must lie in 0..2**64-1, got -1"),
+    ({"axes": {"cross_steps": [0.5, [0.9, 0.1]]}}, "spec.axes.cross_steps[1]: step window 0.9:0.1 ends before"),
+    ({"axes": {"hue": [1]}}, "spec.axes: unknown field 'hue'"),
+    ({"base": {"steps": 0}}, "spec.base.steps: must lie in 1..1000, got 0"),
+    ({"cases": [{"name": "cat", "source": CAT, "targets": [DOG], "mode": "replace", "blend": [["cow"], ["dog"]]}]},
+     "spec.cases[0] (cat, cell 0): word 'cow' is not in the prompt"),
+    ({"axes": {"seed": [0, 1], "guidance": [5]}, "combine": "zip"}, "zipped axes need as many values each"),
+    ({"axes": {"cross_sites": ["up:64"]}}, "spec.cases[0] (cat, cell 0): cross_sites (--cross-sites) up:64: at "
+                                           "128x128 this model has no cross-attention layer there"),
+])
+def test_bad_specs_are_refused_before_the_model_loads(change, words, tiny_file, tmp_path, capsys):
+    (tmp_path / "spec.json").write_text(json.dumps({**SPEC, **change}))
+    code = main(["sweep", str(tmp_path / "spec.json"), "--weights", str(tiny_file), "--out", str(tmp_path / "s")])
+    err = capsys.readouterr().err
+    assert code == 2 and words in err and "loaded" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_sweep_resumes_where_it_was_stopped_and_its_summary_is_the_saved_images(tiny_file, tmp_path, monkeypatch):
+    out, spec, ran = tmp_path / "sweep", dict(SPEC), []
+    sd = load(tiny_file)
+    real = sweep.run_cell
+
+    def stops_after_five(sd, cell, *a):
+        if len(ran) == 5:
+            raise KeyboardInterrupt
+        ran.append(cell.key)
+        return real(sd, cell, *a)
+
+    monkeypatch.setattr(sweep, "run_cell", stops_after_five)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.sweep(spec, tiny_file, out, load_model=lambda: sd)
+    assert len((out / "results.jsonl").read_text().splitlines()) == 5
+    with open(out / "results.jsonl", "a") as f:
+        f.write('{"key": "torn')                                   # a line cut off by a kill
+    monkeypatch.setattr(sweep, "run_cell", lambda sd, cell, *a: ran.append(cell.key) or real(sd, cell, *a))
+    every = sweep.sweep(spec, tiny_file, out, load_model=lambda: sd)
+    assert len(ran) == 16 and len(set(ran)) == 16              # the first five were not run again
+    done = sweep.read_results(out)
+    assert set(done) == {c.key for c in every}
+    assert sweep.sweep(spec, tiny_file, out, load_model=lambda: pytest.fail("nothing is left to run")) == every
+
+    # every metric is what the saved images give, and summary.md is their mean per axis value
+    for row in done.values():
+        images = row["images"]
+        source = metrics.as_tensor(Image.open(out / images["source"]))
+        for target, region, m in zip(images["targets"], images["regions"], row["metrics"]):
+            mask = metrics.as_tensor(Image.open(out / region))[0] > 0.5 if region else None
+            assert m == metrics.pixel_metrics(source, metrics.as_tensor(Image.open(out / target)), mask)
+            assert (region is not None) == (row["case"] == "cat")
+    summary = (out / "summary.md").read_text()
+    for axis, values in spec["axes"].items():
+        for value in values:
+            rows = [r for r in done.values() if r["axes"][axis] == value]
+            line = next(line for line in summary.splitlines() if line.startswith(f"| {sweep.value_text(value)} |")
+                        and summary.index(line) > summary.index(f"## {axis}"))
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            assert cells[1] == str(len(rows))
+            assert cells[4] == sweep.mean_sd([m["ssim"] for r in rows for m in r["metrics"]])
+    assert "16 of 16 cells done" in summary
+    csv_rows = (out / "results.csv").read_text().splitlines()
+    assert csv_rows[0] == "key,case,cross_sites,self_max_tokens,seed,target,mse,psnr,ssim,locality"
+    assert len(csv_rows) == 1 + 16
+    for axis in spec["axes"]:
+        sheet = Image.open(out / f"sheet-{axis}.png")
+        assert sheet.width > 3 * 128 and sheet.height > (1 + len(spec["axes"][axis])) * 128
+
+
+def test_shards_write_their_own_files_and_the_report_reads_them_all(tiny_file, tmp_path, capsys):
+    (tmp_path / "spec.json").write_text(json.dumps({**SPEC, "axes": {"seed": [0, 1, 2]}}))
+    base = ["sweep", str(tmp_path / "spec.json"), "--weights", str(tiny_file), "--out", str(tmp_path / "s"),
+            "--base", "steps=1"]
+    for k in range(2):
+        assert main([*base, "--shard", f"{k}/2"]) == 0, capsys.readouterr().err
+    files = sorted(p.name for p in (tmp_path / "s").glob("results*.jsonl"))
+    assert files == ["results.0-of-2.jsonl", "results.1-of-2.jsonl"]
+    counts = [len((tmp_path / "s" / f).read_text().splitlines()) for f in files]
+    assert counts == [3, 3]
+    assert "6 of 6 cells done" in (tmp_path / "s" / "summary.md").read_text()
+    assert main(["sweep", str(tmp_path / "spec.json"), "--out", str(tmp_path / "s"), "--report",
+                 "--base", "steps=1"]) == 0
+    assert re.search(r"\| 2 \| 2 \|", (tmp_path / "s" / "summary.md").read_text())
+
+
+def test_the_readme_sweep_runs_on_the_tiny_model(tiny_file, tmp_path, capsys):
+    spec = ROOT / "scripts" / "sweep_cross_layers.json"
+    code = main(["sweep", str(spec), "--weights", str(tiny_file), "--out", str(tmp_path / "s"),
+                 "--base", "steps=2", "height=128", "width=128"])
+    assert code == 0, capsys.readouterr().err
+    assert (tmp_path / "s" / "sheet-cross_sites.png").is_file() and (tmp_path / "s" / "summary.md").is_file()
