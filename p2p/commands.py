@@ -6,6 +6,7 @@ samples and writes. `p2p edit` builds an experiment record (p2p/record.py) from 
 and runs it through p2p/run.py, the road scripts take too; photos have their parts in photo.py.
 """
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -48,8 +49,13 @@ def check_outputs(outputs: dict[str, tuple[Path | None, str]], inputs: dict[str,
 
 
 def device_of(name: str | None) -> str:
+    """The --device, or by default CUDA if there is one (the process's own GPU, LOCAL_RANK, when
+    torchrun started several), else the CPU."""
     if name is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        if not torch.cuda.is_available():
+            return "cpu"
+        local = os.environ.get("LOCAL_RANK")
+        return f"cuda:{int(local) % torch.cuda.device_count()}" if local else "cuda"
     check_device(name)
     return name
 
@@ -159,7 +165,7 @@ def edit_record(r: Experiment, weights: Path, out: Path, latents_out: Path | Non
     check_outputs({"--out": (out, "image"), "--latents-out": (latents_out, "tensors"),
                    "--maps-out": (maps_out, "image"), "the inversion cache": (new_cache, "tensors")},
                   {"--weights": weights, "--image": r.image and Path(r.image),
-                   "--inversion": r.inversion and Path(r.inversion)})
+                   "--inversion": r.inversion and Path(r.inversion), "--blend-mask": r.blend_mask and Path(r.blend_mask)})
     sd = sd or load_model(weights, device, dtype)
     if maps_out is not None:
         run.check_resolution(sd, r.height, r.width, maps_res, "--maps-res")

@@ -252,6 +252,24 @@ class LocalBlend:
         return x[:1] + mask.to(x) * (x - x[:1])
 
 
+class MaskBlend:
+    """Local blending inside a region the user drew: mask [H, W] boolean (any size, resized to
+    the latents by area, then > 0.5), the same for every target, from update `start` on."""
+
+    def __init__(self, mask: torch.Tensor, start: int = 0):
+        self.region, self.start, self.last_mask = mask.bool(), start, None
+
+    def wants(self, site: Site) -> bool:
+        return False   # no attention maps needed
+
+    def __call__(self, x: torch.Tensor, store, step: int) -> torch.Tensor:
+        if step < self.start:
+            return x
+        m = F.interpolate(self.region[None, None].float(), size=x.shape[2:], mode="area") > 0.5
+        self.last_mask = m.expand(x.shape[0], -1, -1, -1)          # [b, 1, h, w]
+        return x[:1] + self.last_mask.to(x) * (x - x[:1])
+
+
 # ---- the edit handed to the UNet --------------------------------------------------------
 
 class PromptToPrompt:
@@ -262,7 +280,7 @@ class PromptToPrompt:
     | cross_steps     | fraction, (start, end) or {"default": .., word: ..} (see cross_alphas) |
     | self_steps      | fraction or (start, end) of steps with self-attention injection     |
     | self_max_tokens | inject only where the self-attention has at most this many keys     |
-    | blend, store    | optional LocalBlend and AttentionStore                              |
+    | blend, store    | optional LocalBlend (or MaskBlend) and AttentionStore                |
     | sites           | Sites filter restricting where the edit acts (ablations)            |
     | cross_sites     | Sites filter for the cross edit alone, self_sites for the injection  |
     | edit_uncond     | also edit the unconditional half (off in the paper)                  |
@@ -278,7 +296,7 @@ class PromptToPrompt:
         self.self_steps, self.self_max_tokens = self_window(steps, self_steps), self_max_tokens
         self.blend = blend
         # a store only for the blend keeps just the maps the blend reads, so every other layer stays fused
-        self.store = store if store is not None or blend is None else \
+        self.store = store if store is not None or not isinstance(blend, LocalBlend) else \
             AttentionStore(Sites(places=("down", "up"), resolutions=(blend.res,), self=False))
         self.step = 0   # set by the sampler before each UNet call
 

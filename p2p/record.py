@@ -37,6 +37,7 @@ class Experiment:
     blend_res: int = 16
     blend_start: float = 0.0
     blend_subtract: tuple[tuple[str, ...], ...] = ()
+    blend_mask: str | None = None               # a drawn edit region (image file) instead of blend words
     reweight: dict = field(default_factory=dict)     # {word: scale}
     replace_mapper: str = "aligned"
     sampler: str = "ddim"
@@ -208,7 +209,7 @@ CHECKS = {
     "source": text, "targets": texts, "mode": choice(MODES), "cross_steps": window,
     "word_steps": lambda v: mapping(v, window), "self_steps": window,
     "self_max_tokens": lambda v: integer(v, 0), "blend": word_lists, "blend_threshold": number,
-    "blend_res": lambda v: integer(v, 1), "blend_start": fraction, "blend_subtract": word_lists,
+    "blend_res": lambda v: integer(v, 1), "blend_start": fraction, "blend_subtract": word_lists, "blend_mask": optional(text),
     "reweight": lambda v: mapping(v, number), "replace_mapper": choice(MAPPERS), "sampler": choice(SAMPLERS),
     "seed": lambda v: integer(v, 0, MAX_SEED), "steps": lambda v: integer(v, 1, 1000), "guidance": number,
     "height": lambda v: integer(v, 8), "width": lambda v: integer(v, 8), "image": optional(text),
@@ -254,9 +255,13 @@ def check(record: Experiment, where: str | None = "record"):
     n = lambda field: name(field, where)
     if record.replace_mapper != "aligned" and record.mode != "replace":
         raise InputError(f"{n('replace_mapper')} is the word swap's; {n('mode')} {record.mode} has no replace mapper")
-    if (record.blend_subtract or record.blend_start) and not record.blend:
-        raise InputError(f"{n('blend_subtract')} and {n('blend_start')} shape a local blend: give {n('blend')} "
-                         "WORDS too")
+    if record.blend and record.blend_mask:
+        raise InputError(f"{n('blend')} words or {n('blend_mask')}: a local blend takes its region from one")
+    if record.blend_subtract and not record.blend:
+        raise InputError(f"{n('blend_subtract')} cuts words out of a local blend: give {n('blend')} WORDS too")
+    if record.blend_start and not (record.blend or record.blend_mask):
+        raise InputError(f"{n('blend_start')} shapes a local blend: give {n('blend')} WORDS (or {n('blend_mask')}) "
+                         "too")
     if record.mode == "reweight" and not record.reweight:
         raise InputError(f"{n('mode')} reweight needs at least one {n('reweight')} WORD=SCALE")
     if record.inversion is not None and record.image is None:

@@ -8,6 +8,7 @@ The CLI (`p2p edit`), scripts/reproduce_paper.py and sweeps all go through these
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -31,6 +32,8 @@ def build_edit(record: Experiment, tokenizer, store: bool = False) -> edits.Prom
     if record.reweight:
         cross = edits.Reweight(tokenizer, prompts, record.reweight, prev=cross)
     blend = None
+    if record.blend_mask:
+        blend = edits.MaskBlend(read_mask(Path(record.blend_mask)), start=int(record.blend_start * record.steps))
     if record.blend:
         blend = edits.LocalBlend(tokenizer, prompts, [list(w) for w in record.blend], record.blend_threshold,
                                  record.blend_res, subtract=[list(w) for w in record.blend_subtract] or None,
@@ -40,6 +43,21 @@ def build_edit(record: Experiment, tokenizer, store: bool = False) -> edits.Prom
                                 record.self_max_tokens, blend, edits.AttentionStore() if store else None,
                                 cross_sites=edits.Sites(items=record.cross_sites or None),
                                 self_sites=edits.Sites(items=record.self_sites or None))
+
+
+def read_mask(path: Path) -> torch.Tensor:
+    """A drawn edit region: any image Pillow reads, its pixels brighter than half are the region."""
+    try:
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("L"))
+    except FileNotFoundError:
+        raise InputError(f"blend mask {path} does not exist") from None
+    except (OSError, ValueError) as e:
+        raise InputError(f"blend mask {path}: not an image Pillow can read ({e})") from None
+    region = torch.from_numpy(pixels > 127)
+    if not region.any():
+        raise InputError(f"blend mask {path} is black all over: no pixel marks the edit region")
+    return region
 
 
 @dataclass

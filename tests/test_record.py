@@ -45,7 +45,8 @@ def test_json_values_are_made_canonical_and_round_trip():
     ({"mode": "refine", "replace_mapper": "official"},
      "spec[3].replace_mapper is the word swap's; spec[3].mode refine has no replace mapper"),
     ({"image": "cat.png", "sampler": "plms"}, "spec[3].sampler plms cannot edit a photo"),
-    ({"blend_start": 0.2}, "spec[3].blend_subtract and spec[3].blend_start shape a local blend"),
+    ({"blend_start": 0.2}, "spec[3].blend_start shapes a local blend: give spec[3].blend WORDS (or"),
+    ({"blend": ["cat", "dog"], "blend_mask": "m.png"}, "spec[3].blend words or spec[3].blend_mask"),
 ])
 def test_bad_records_name_the_offending_entry(change, words):
     with pytest.raises(InputError) as e:

@@ -117,3 +117,36 @@ def test_maps_average_the_chosen_sites(tiny_file, tmp_path, capsys):
     code, _, err = run(capsys, "maps", "--weights", tiny_file, "--prompt", CAT, "--sites", "mid:2", *FAST,
                        "--out", tmp_path / "n.png")
     assert code == 2 and "--sites mid:2 picks no layer at --res 16" in err, err
+
+
+# ---- a drawn region: --blend-mask ------------------------------------------------------------
+
+def test_mask_blend_keeps_the_source_outside_the_drawn_region():
+    region = torch.zeros(64, 64, dtype=torch.bool)
+    region[:, :32] = True                                       # the left half, at image size
+    x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = edits.MaskBlend(region)(x, None, 0)
+    assert torch.equal(out[:, :, :, 4:], x[:1, :, :, 4:].expand(3, -1, -1, -1))   # right: the source
+    assert torch.allclose(out[:, :, :, :4], x[:, :, :, :4], atol=1e-6)              # left: each its own
+    assert torch.equal(edits.MaskBlend(region, start=2)(x, None, 1), x)
+
+
+def test_blend_mask_on_the_command_line(tiny_file, tmp_path, capsys):
+    from PIL import Image
+    import numpy as np
+    pixels = np.zeros((128, 128), dtype=np.uint8)
+    pixels[:64] = 255                                           # the top half is the region
+    Image.fromarray(pixels).save(tmp_path / "mask.png")
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "black.png")
+    base = ["edit", "--weights", tiny_file, "--source", CAT, "--target", DOG, "--mode", "replace", *FAST]
+    code, _, err = run(capsys, *base, "--blend-mask", tmp_path / "mask.png", "--out", tmp_path / "e.png",
+                       "--latents-out", tmp_path / "e.safetensors")
+    assert code == 0, err
+    z = load_file(tmp_path / "e.safetensors")["latents"]
+    assert torch.equal(z[1, :, 8:], z[0, :, 8:]) and (z[1, :, :8] - z[0, :, :8]).abs().max() > 1e-2
+    for extra, words in ((["--blend-mask", tmp_path / "none.png"], "blend mask"),
+                         (["--blend-mask", tmp_path / "black.png"], "is black all over"),
+                         (["--blend-mask", tmp_path / "mask.png", "--blend", "cat", "dog"], "--blend words or --blend-mask"),
+                         (["--blend-mask", tmp_path / "mask.png", "--out", tmp_path / "mask.png"], "is the --blend-mask input")):
+        code, _, err = run(capsys, *base, *extra, *([] if "--out" in extra else ["--out", tmp_path / "x.png"]))
+        assert code == 2 and words in err, err

@@ -140,3 +140,13 @@ def test_the_readme_sweep_runs_on_the_tiny_model(tiny_file, tmp_path, capsys):
                  "--base", "steps=2", "height=128", "width=128"])
     assert code == 0, capsys.readouterr().err
     assert (tmp_path / "s" / "sheet-cross_sites.png").is_file() and (tmp_path / "s" / "summary.md").is_file()
+
+
+def test_a_process_started_by_torchrun_takes_its_own_gpu(monkeypatch):
+    from p2p import commands
+    monkeypatch.setattr(commands.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(commands.torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("LOCAL_RANK", "6")
+    assert commands.device_of(None) == "cuda:2"
+    monkeypatch.delenv("LOCAL_RANK")
+    assert commands.device_of(None) == "cuda"
