@@ -242,6 +242,10 @@ def parser() -> argparse.ArgumentParser:
                    help="change a base field of every cell (a JSON value, or text), e.g. steps=10 height=256")
     p.add_argument("--report", action="store_true", help="only rebuild results.csv, summary.md and the sheets "
                    "from the results so far")
+    p.add_argument("--clip", type=Path, default=Path("weights/openai--clip-vit-large-patch14"), help="CLIP for the "
+                   "CLIP score and direction (default weights/openai--clip-vit-large-patch14; skipped if absent)")
+    p.add_argument("--dino", type=Path, default=Path("weights/facebook--dino-vitb8"), help="DINO ViT-B/8 for the "
+                   "structure distance (default weights/facebook--dino-vitb8; skipped if absent)")
 
     p = commands.add_parser("sites", help="list every attention layer: call order, name, place, map size")
     p.add_argument("--weights", type=Path, required=True, help="SD v1 checkpoint (only its headers are read)")

@@ -268,7 +268,7 @@ def sweep(args):
     if args.out.exists() and not args.out.is_dir():
         raise InputError(f"--out {args.out} is a file: a sweep writes a folder")
     sweeps.sweep(spec, args.weights, args.out, sweeps.shard_of(args.shard), overrides,
-                 lambda: load_model(args.weights, args.device, args.dtype), args.dtype)
+                 lambda: load_model(args.weights, args.device, args.dtype), args.dtype, args.clip, args.dino)
     wrote(args.out / "summary.md")
 
 

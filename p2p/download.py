@@ -1,4 +1,5 @@
-"""`p2p download`: fetch the few safetensors and config files of a diffusers-layout SD v1 repository."""
+"""`p2p download`: fetch the few safetensors and config files of a diffusers-layout SD v1 repository
+(or of one transformers model, as the metrics' CLIP and DINO)."""
 
 import contextlib
 import logging
@@ -38,9 +39,21 @@ def _weight(component: str, names: set[str], fp16: bool) -> str:
                      "only safetensors are downloaded, because pickles (.bin, .ckpt) are never loaded")
 
 
+# A single transformers model (the CLIP and DINO of the metrics): its config, weights and side files.
+MODEL_FILES = ["config.json", "preprocessor_config.json", "vocab.json", "merges.txt", "tokenizer.json",
+               "tokenizer_config.json", "special_tokens_map.json"]
+
+
 def select_files(names: list[str], fp16: bool = False) -> list[str]:
-    """The files to download from a repository listing `names`, sorted; never pickles or other frameworks."""
+    """The files to download from a repository listing `names`, sorted; never pickles or other
+    frameworks. A diffusers-layout SD repository gives its three networks; a repository of one
+    transformers model (config.json and model.safetensors at the top) gives that model."""
     names = set(names)
+    if "config.json" in names and "unet/config.json" not in names:
+        if "model.safetensors" not in names:
+            raise InputError("the repository has no model.safetensors: only safetensors are downloaded, "
+                             "because pickles (.bin, .ckpt) are never loaded")
+        return sorted([name for name in MODEL_FILES if name in names] + ["model.safetensors"])
     picked = [name for name in EXTRAS if name in names]
     for component in COMPONENTS:
         if f"{component}/config.json" not in names:

@@ -1,4 +1,5 @@
-"""How far an edit kept what it should: background preservation and edit locality.
+"""How far an edit kept what it should, and how far it went: background preservation, edit
+locality, CLIP score and direction, DINO structure distance.
 
 Images are float tensors [3, H, W] in [0, 1] (`as_tensor` takes PIL images too); a region is a
 boolean mask [H, W], True inside the edit region. The background is everything outside it.
@@ -15,6 +16,8 @@ nan for the background metrics.
     locality(a, b; R) = sum over R of |a - b| / sum over the image of |a - b|   (1: all change inside)
 """
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,6 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from models import InputError
+from models.text import TOKENIZER_DIR, load_tokenizer
 
 WINDOW, SIGMA = 11, 1.5          # Wang et al. (2004)
 K1, K2 = 0.01, 0.03
@@ -107,3 +111,119 @@ def pixel_metrics(source, edited, region=None) -> dict[str, float]:
     if region is not None:
         out["locality"] = locality(source, edited, region)
     return out
+
+
+# ---- metrics with networks of their own: CLIP and DINO (transformers, local safetensors) ----------
+
+CLIP_FOLDER, DINO_FOLDER = "openai--clip-vit-large-patch14", "facebook--dino-vitb8"   # as `p2p download` names them
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def square_crop(image: Image.Image, size: int) -> Image.Image:
+    """Resize the short side to `size` (bicubic) and take the centre square, as CLIP's preprocessing."""
+    w, h = image.size
+    scale = size / min(w, h)
+    image = image.convert("RGB").resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+    left, top = (image.width - size) // 2, (image.height - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def normalised(image: Image.Image, mean, std) -> torch.Tensor:
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1) / 255
+    return ((x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None])[None]
+
+
+def local_model(kind, folder, what: str):
+    """A transformers model from a local folder of safetensors, or None with one note when absent."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
+        repo = folder.name.replace("--", "/")
+        print(f"note: {what} skipped: no safetensors model in {folder} (get it with: p2p download --repo {repo})",
+              file=sys.stderr)
+        return None
+    return kind.from_pretrained(str(folder), use_safetensors=True).eval()
+
+
+class Clip:
+    """CLIP score and CLIP directional similarity (CLIPModel, e.g. ViT-L/14):
+
+    score(image, text)  = 100 * max(cos(E_I(image), E_T(text)), 0)
+    direction(source image, edited image, source text, target text)
+                        = cos(E_I(edited) - E_I(source), E_T(target) - E_T(source))   (nan if either is 0)
+    with E_I the image embedding of the 224 px centre crop, normalised as CLIP was trained."""
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+        self.size = model.config.vision_config.image_size
+
+    @classmethod
+    def load(cls, folder):
+        from transformers import CLIPModel
+        model = local_model(CLIPModel, folder, "CLIP score")
+        if model is None:
+            return None
+        return cls(model, load_tokenizer(Path(folder) if (Path(folder) / "vocab.json").is_file() else TOKENIZER_DIR))
+
+    @torch.no_grad()
+    def image(self, image) -> torch.Tensor:
+        pixels = normalised(square_crop(to_pil(image), self.size), CLIP_MEAN, CLIP_STD)
+        # the towers and projections themselves: get_*_features changed its return type in transformers 5
+        return self.model.visual_projection(self.model.vision_model(pixel_values=pixels).pooler_output).float()[0]
+
+    @torch.no_grad()
+    def text(self, text: str) -> torch.Tensor:
+        ids = self.tokenizer([text], padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+        return self.model.text_projection(self.model.text_model(input_ids=ids.input_ids).pooler_output).float()[0]
+
+    def score(self, image, text: str) -> float:
+        return 100 * max(F.cosine_similarity(self.image(image), self.text(text), dim=0).item(), 0.0)
+
+    def direction(self, source, edited, source_text: str, target_text: str) -> float:
+        di, dt = self.image(edited) - self.image(source), self.text(target_text) - self.text(source_text)
+        if di.norm() == 0 or dt.norm() == 0:
+            return math.nan
+        return F.cosine_similarity(di, dt, dim=0).item()
+
+
+class Dino:
+    """Structure distance as PIE-Bench defines it (Tumanyan et al.'s Splice): the MSE between the
+    self-similarity matrices of the last layer's keys of DINO ViT-B/8 (ViTModel), for the image
+    resized to 224 px on its short side and ImageNet-normalised:
+
+    S(image)[i, j] = cos(key_i, key_j) over all tokens (class token included), keys of all heads
+    concatenated;  distance(a, b) = mean over i, j of (S(a) - S(b))^2."""
+
+    def __init__(self, model):
+        self.model = model
+
+    @classmethod
+    def load(cls, folder):
+        from transformers import ViTModel
+        model = local_model(ViTModel, folder, "structure distance")
+        return None if model is None else cls(model)
+
+    @torch.no_grad()
+    def self_similarity(self, image) -> torch.Tensor:
+        image = to_pil(image)
+        w, h = image.size
+        size = self.model.config.image_size
+        image = image.convert("RGB").resize((round(w * size / min(w, h)), round(h * size / min(w, h))), Image.BICUBIC)
+        pixels = normalised(image, IMAGENET_MEAN, IMAGENET_STD)
+        hidden = self.model(pixel_values=pixels, output_hidden_states=True, interpolate_pos_encoding=True).hidden_states
+        # transformers 5 renamed ViT's modules: layers[i].attention.k_proj, once encoder.layer[i].attention.attention.key
+        last = (self.model.layers if hasattr(self.model, "layers") else self.model.encoder.layer)[-1]
+        key = last.attention.k_proj if hasattr(last.attention, "k_proj") else last.attention.attention.key
+        keys = key(last.layernorm_before(hidden[-2]))[0]                              # [tokens, heads * d]
+        keys = F.normalize(keys.float(), dim=-1)
+        return keys @ keys.T
+
+    def distance(self, a, b) -> float:
+        return (self.self_similarity(a) - self.self_similarity(b)).square().mean().item()
+
+
+def to_pil(image) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image
+    x = as_tensor(image).clamp(0, 1)
+    return Image.fromarray((x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))

@@ -18,7 +18,9 @@ all results files and the images under DIR/cells, never kept apart from them.
 
 Metrics (p2p/metrics.py) compare each target image with the source image of its cell, read
 back from the saved PNGs: background MSE, PSNR, SSIM outside the edit region (the local
-blend's final mask, when the case blends) and the edit's locality inside it.
+blend's final mask, when the case blends) and the edit's locality inside it; with the CLIP
+and DINO weights, also the CLIP score of the target image and its prompt, the CLIP direction
+of the edit, and the DINO structure distance between source and target.
 """
 import csv
 import hashlib
@@ -43,7 +45,7 @@ from models.checkpoint import load
 from . import metrics, output, record, run, viz
 from .record import Experiment
 
-METRICS = ("mse", "psnr", "ssim", "locality")
+METRICS = ("mse", "psnr", "ssim", "locality", "clip_score", "clip_direction", "structure")
 
 
 @dataclass(frozen=True)
@@ -189,17 +191,31 @@ def load_png(path: Path) -> torch.Tensor:
         return metrics.as_tensor(image)
 
 
-def cell_metrics(out: Path, images: dict) -> list[dict]:
+@dataclass
+class Nets:
+    """The networks of the metrics that need one; None where the weights are absent."""
+    clip: metrics.Clip | None = None
+    dino: metrics.Dino | None = None
+
+
+def cell_metrics(out: Path, images: dict, r: Experiment, nets: Nets = Nets()) -> list[dict]:
     """The metrics of each target of a cell, from its saved images (as a rerun of them would)."""
     source = load_png(out / images["source"])
     rows = []
-    for target, region in zip(images["targets"], images["regions"]):
+    for target_text, target, region in zip(r.targets, images["targets"], images["regions"]):
         mask = load_png(out / region)[0] > 0.5 if region else None
-        rows.append({k: v for k, v in metrics.pixel_metrics(source, load_png(out / target), mask).items()})
+        edited = load_png(out / target)
+        row = metrics.pixel_metrics(source, edited, mask)
+        if nets.clip is not None:
+            row["clip_score"] = nets.clip.score(edited, target_text)
+            row["clip_direction"] = nets.clip.direction(source, edited, r.source, target_text)
+        if nets.dino is not None:
+            row["structure"] = nets.dino.distance(source, edited)
+        rows.append(row)
     return rows
 
 
-def run_cell(sd, cell: Cell, weights: Path, out: Path, dtype: str) -> dict:
+def run_cell(sd, cell: Cell, weights: Path, out: Path, dtype: str, nets: Nets = Nets()) -> dict:
     """Sample one cell, save its images (and the blend's region masks), and measure them."""
     plan = run.prepare(cell.record, weights, cache_dir=out / "inversions")
     result = run.run(sd, plan, dtype)
@@ -220,7 +236,7 @@ def run_cell(sd, cell: Cell, weights: Path, out: Path, dtype: str) -> dict:
         else:
             names["regions"].append(None)
     return {"key": cell.key, "index": cell.index, "case": cell.case, "axes": dict(cell.axes),
-            "record": cell.record.to_json(), "images": names, "metrics": cell_metrics(out, names)}
+            "record": cell.record.to_json(), "images": names, "metrics": cell_metrics(out, names, cell.record, nets)}
 
 
 def check_cells(every: list[Cell], weights: Path, out: Path):
@@ -236,9 +252,10 @@ def check_cells(every: list[Cell], weights: Path, out: Path):
 
 
 def sweep(spec: dict, weights: Path, out: Path, shard: tuple[int, int] = (0, 1), overrides: dict | None = None,
-          load_model=None, dtype: str = "float32") -> list[Cell]:
+          load_model=None, dtype: str = "float32", clip: Path | None = None, dino: Path | None = None) -> list[Cell]:
     """Run this shard's unfinished cells (the model comes from `load_model()`, only if there are
-    any), then write the tables and sheets from every shard's results so far."""
+    any; CLIP and DINO from their folders, skipped with a note where absent), then write the
+    tables and sheets from every shard's results so far."""
     every = cells(spec, overrides)
     check_cells(every, weights, out)
     (out / "cells").mkdir(parents=True, exist_ok=True)
@@ -250,8 +267,9 @@ def sweep(spec: dict, weights: Path, out: Path, shard: tuple[int, int] = (0, 1),
           f"{len(todo)} to run", file=sys.stderr)
     if todo:
         sd, path = load_model(), results_file(out, shard)
+        nets = Nets(metrics.Clip.load(clip) if clip else None, metrics.Dino.load(dino) if dino else None)
         for cell in tqdm(todo, desc="cells", file=sys.stderr):
-            append(path, run_cell(sd, cell, weights, out, dtype))
+            append(path, run_cell(sd, cell, weights, out, dtype, nets))
     report(spec, every, out)
     return every
 

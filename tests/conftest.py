@@ -39,3 +39,28 @@ def tiny_folder(tiny_dir) -> Path:
 def tiny(tiny_file):
     """The tiny model, loaded once from the single file (fp32, CPU); do not modify it."""
     return load(tiny_file)
+
+
+@pytest.fixture(scope="session")
+def nets(tmp_path_factory):
+    """Tiny random CLIP and DINO ViT, written by transformers as the metrics' folders."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTModel
+    from p2p import metrics
+    folder = tmp_path_factory.mktemp("nets")
+    with torch.random.fork_rng():   # seeded weights, the global generator left as it was
+        torch.manual_seed(0)
+        make(folder, CLIPModel, CLIPConfig, ViTModel, ViTConfig, metrics)
+    return folder
+
+
+def make(folder, CLIPModel, CLIPConfig, ViTModel, ViTConfig, metrics):
+    clip = CLIPModel(CLIPConfig(text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64,
+                                                 num_hidden_layers=2, num_attention_heads=4),
+                                vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                   num_attention_heads=4, image_size=64, patch_size=16),
+                                projection_dim=16))
+    clip.save_pretrained(folder / metrics.CLIP_FOLDER, safe_serialization=True)
+    dino = ViTModel(ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=32, patch_size=8), add_pooling_layer=False)
+    dino.save_pretrained(folder / metrics.DINO_FOLDER, safe_serialization=True)

@@ -243,3 +243,12 @@ def test_retry_warnings_are_silenced(monkeypatch, tmp_path, caplog):
     assert str(caught.value) == "listing files failed for x/y: Read timed out."
     assert [r.getMessage() for r in caplog.records] == []  # nothing reached a handler
     assert {name: logging.getLogger(name).level for name in levels} == levels
+
+
+def test_a_single_transformers_model_gives_its_safetensors_and_side_files():
+    listing = ["config.json", "model.safetensors", "pytorch_model.bin", "tf_model.h5", "flax_model.msgpack",
+               "vocab.json", "merges.txt", "preprocessor_config.json", "tokenizer.json", "README.md", ".gitattributes"]
+    assert select_files(listing) == ["config.json", "merges.txt", "model.safetensors", "preprocessor_config.json",
+                                     "tokenizer.json", "vocab.json"]
+    with pytest.raises(InputError, match="no model.safetensors"):
+        select_files(["config.json", "pytorch_model.bin", "preprocessor_config.json"])

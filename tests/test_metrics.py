@@ -79,3 +79,54 @@ def test_attention_region_and_pil_images():
     # the background is untouched, though SSIM windows near the region see into it
     assert got == {"mse": 0.0, "psnr": math.inf, "ssim": pytest.approx(1.0, abs=1e-4), "locality": 1.0}
     assert got["ssim"] < 1
+
+
+# ---- CLIP and DINO, on tiny random models written by transformers (the real layouts) -----------
+
+def test_clip_score_and_direction(nets):
+    clip = metrics.Clip.load(nets / metrics.CLIP_FOLDER)
+    a = torch.rand(3, 80, 96, generator=torch.Generator().manual_seed(0))
+    b = torch.rand(3, 80, 96, generator=torch.Generator().manual_seed(1))
+    # by hand: the 64 px centre crop, CLIP's normalisation, the two towers, 100 * max(cos, 0)
+    crop = metrics.square_crop(metrics.to_pil(a), 64)
+    assert crop.size == (64, 64)
+    with torch.no_grad():   # transformers' own forward: logits_per_image = exp(logit_scale) * cos
+        pixels = metrics.normalised(crop, metrics.CLIP_MEAN, metrics.CLIP_STD)
+        ids = clip.tokenizer(["a cat"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+        out = clip.model(input_ids=ids, pixel_values=pixels)
+    cos = (out.logits_per_image / clip.model.logit_scale.exp()).item()
+    assert clip.score(a, "a cat") == pytest.approx(100 * max(cos, 0), abs=1e-4)
+    assert 0 <= clip.score(b, "a dog") <= 100
+    d = clip.direction(a, b, "a cat", "a dog")
+    assert -1 <= d <= 1 and clip.direction(a, b, "a dog", "a cat") == pytest.approx(-d, abs=1e-5)
+    assert math.isnan(clip.direction(a, a, "a cat", "a dog"))
+
+
+def test_dino_structure_distance(nets):
+    dino = metrics.Dino.load(nets / metrics.DINO_FOLDER)
+    a = torch.rand(3, 40, 40, generator=torch.Generator().manual_seed(0))
+    s = dino.self_similarity(a)
+    assert s.shape == (1 + 16, 1 + 16)                      # the class token and 4x4 patches of 8 px at 32 px
+    assert torch.allclose(s.diagonal(), torch.ones(17), atol=1e-5) and torch.allclose(s, s.T)
+    assert dino.distance(a, a) == 0
+    # the keys of a plain forward pass, caught by a hook on the last layer's key projection
+    last = (dino.model.layers if hasattr(dino.model, "layers") else dino.model.encoder.layer)[-1]
+    key = last.attention.k_proj if hasattr(last.attention, "k_proj") else last.attention.attention.key
+    caught = []
+    handle = key.register_forward_hook(lambda module, args, output: caught.append(output[0]))
+    with torch.no_grad():
+        dino.model(pixel_values=metrics.normalised(metrics.to_pil(a).resize((32, 32), Image.BICUBIC),
+                                                   metrics.IMAGENET_MEAN, metrics.IMAGENET_STD))
+    handle.remove()
+    k = torch.nn.functional.normalize(caught[0], dim=-1)
+    assert torch.allclose(s, k @ k.T, atol=1e-5)
+    b = a.flip(-1)
+    assert dino.distance(a, b) > 0 and dino.distance(a, b) == pytest.approx(dino.distance(b, a))
+
+
+def test_absent_metric_weights_are_a_note(tmp_path, capsys):
+    assert metrics.Clip.load(tmp_path / metrics.CLIP_FOLDER) is None
+    assert metrics.Dino.load(tmp_path / metrics.DINO_FOLDER) is None
+    err = capsys.readouterr().err
+    assert "note: CLIP score skipped: no safetensors model in" in err
+    assert "p2p download --repo openai/clip-vit-large-patch14" in err and "facebook/dino-vitb8" in err

@@ -150,3 +150,24 @@ def test_a_process_started_by_torchrun_takes_its_own_gpu(monkeypatch):
     assert commands.device_of(None) == "cuda:2"
     monkeypatch.delenv("LOCAL_RANK")
     assert commands.device_of(None) == "cuda"
+
+
+def test_clip_and_dino_metrics_join_when_their_weights_are_there(tiny_file, nets, tmp_path, capsys):
+    one = {**SPEC, "cases": SPEC["cases"][:1], "axes": {"seed": [0, 1]}}
+    (tmp_path / "spec.json").write_text(json.dumps(one))
+    base = ["sweep", str(tmp_path / "spec.json"), "--weights", str(tiny_file), "--base", "steps=1"]
+    code = main([*base, "--out", str(tmp_path / "without"), "--clip", str(tmp_path / "none"),
+                 "--dino", str(tmp_path / "none")])
+    err = capsys.readouterr().err
+    assert code == 0 and err.count("note: CLIP score skipped") == 1 and "note: structure distance skipped" in err
+    assert "clip_score" not in (tmp_path / "without" / "summary.md").read_text()
+    code = main([*base, "--out", str(tmp_path / "with"), "--clip", str(nets / metrics.CLIP_FOLDER),
+                 "--dino", str(nets / metrics.DINO_FOLDER)])
+    assert code == 0, capsys.readouterr().err
+    rows = sweep.read_results(tmp_path / "with")
+    net = sweep.Nets(metrics.Clip.load(nets / metrics.CLIP_FOLDER), metrics.Dino.load(nets / metrics.DINO_FOLDER))
+    for row in rows.values():
+        record = sweep.record.from_json(row["record"])
+        assert row["metrics"] == sweep.cell_metrics(tmp_path / "with", row["images"], record, net)
+        assert {"clip_score", "clip_direction", "structure"} <= set(row["metrics"][0])
+    assert "| clip_score | clip_direction | structure |" in (tmp_path / "with" / "summary.md").read_text()
