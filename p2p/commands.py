@@ -137,7 +137,7 @@ def record_of(args) -> Experiment:
     flags = {field: getattr(args, LISTS.get(field, field)) for field in record.FIELDS}
     flags = {k: str(v) if isinstance(v, Path) else v for k, v in flags.items()}
     if args.recipe is None:
-        return record.from_json({k: v for k, v in flags.items() if v is not None or k not in record.REQUIRED},
+        return record.from_json({k: v for k, v in flags.items() if v not in (None, []) or k not in record.REQUIRED},
                                 where=None)
     given = {k: v for k, v in flags.items()
              if (bool(v) if k in LISTS else getattr(args, f"_{k}_given", False))}

@@ -5,7 +5,8 @@ A spec is JSON:
     {"base":  {record fields every cell shares},
      "cases": [{"name": "cat", record fields: prompts, mode, words...}, ...],
      "axes":  {"cross_sites": ["any@0", "any@1"], "seed": [0, 1]},
-     "combine": "grid"}                       (or "zip": the axes' i-th values together)
+     "combine": "grid",                       (or "zip": the axes' i-th values together)
+     "region": "blend"}                       (or "attention", "none": the edit region of the metrics)
 
 Each cell is record = base | case | one value per axis, checked before anything samples (a bad
 entry is one error naming its path, "spec.cases[1].blend"). Cells are numbered in a fixed order
@@ -17,8 +18,12 @@ The tables (results.csv, summary.md) and the contact sheets (sheet-AXIS.png) are
 all results files and the images under DIR/cells, never kept apart from them.
 
 Metrics (p2p/metrics.py) compare each target image with the source image of its cell, read
-back from the saved PNGs: background MSE, PSNR, SSIM outside the edit region (the local
-blend's final mask, when the case blends) and the edit's locality inside it; with the CLIP
+back from the saved PNGs: background MSE, PSNR, SSIM outside the edit region and the edit's
+locality inside it. The region is, with "blend" (the default), the local blend's final mask
+(or the drawn blend_mask) when the case blends, else none; with "attention", the edited
+words' cross-attention (swapped, added or re-weighted words; the blend_res maps of the down
+and up blocks averaged over steps, layers and heads, divided by their max, > 0.3, or the
+spec's "region_threshold"); with "none", the whole image is background. With the CLIP
 and DINO weights, also the CLIP score of the target image and its prompt, the CLIP direction
 of the edit, and the DINO structure distance between source and target.
 """
@@ -41,11 +46,14 @@ from tqdm import tqdm
 
 from models import InputError
 from models.checkpoint import load
+from models.text import load_tokenizer
 
-from . import metrics, output, record, run, viz
+from . import align, edits, metrics, output, record, run, viz
 from .record import Experiment
 
 METRICS = ("mse", "psnr", "ssim", "locality", "clip_score", "clip_direction", "structure")
+REGIONS = ("blend", "attention", "none")
+SPEC_KEYS = ("base", "cases", "axes", "combine", "region", "region_threshold", "about")
 
 
 @dataclass(frozen=True)
@@ -89,9 +97,15 @@ def check_values(fields: dict, where: str):
 
 def cells(spec: dict, overrides: dict | None = None) -> list[Cell]:
     """Every cell of the spec, each record checked (with `overrides` on top of the base)."""
-    unknown = [k for k in spec if k not in ("base", "cases", "axes", "combine", "about")]
+    unknown = [k for k in spec if k not in SPEC_KEYS]
     if unknown:
-        raise InputError(f"spec: unknown entry {unknown[0]!r} (a spec has base, cases, axes, combine)")
+        raise InputError(f"spec: unknown entry {unknown[0]!r} (a spec has {', '.join(SPEC_KEYS)})")
+    if spec.get("region", "blend") not in REGIONS:
+        raise InputError(f"spec.region: one of {', '.join(REGIONS)}, got {spec['region']!r}")
+    try:
+        record.fraction(spec.get("region_threshold", 0.3))
+    except ValueError as e:
+        raise InputError(f"spec.region_threshold: {e}") from None
     base, cases, axes = spec.get("base", {}), spec.get("cases"), spec.get("axes", {})
     if not isinstance(base, dict) or not isinstance(axes, dict):
         raise InputError("spec: base and axes are JSON objects")
@@ -215,26 +229,57 @@ def cell_metrics(out: Path, images: dict, r: Experiment, nets: Nets = Nets()) ->
     return rows
 
 
-def run_cell(sd, cell: Cell, weights: Path, out: Path, dtype: str, nets: Nets = Nets()) -> dict:
-    """Sample one cell, save its images (and the blend's region masks), and measure them."""
-    plan = run.prepare(cell.record, weights, cache_dir=out / "inversions")
+def edited_words(r: Experiment, target: str) -> list[str]:
+    """The words an edit changes in a target: swapped (replace), added (refine), re-weighted."""
+    source, words = r.source.split(" "), target.split(" ")
+    changed = [t for s, t in zip(source, words) if s != t] if r.mode == "replace" else \
+        [t for t in words if t not in source] if r.mode == "refine" else []
+    return list(dict.fromkeys(changed + [w for w in r.reweight if w in words]))
+
+
+def attention_masks(result: run.Result, threshold: float) -> list[torch.Tensor | None]:
+    """Per target, its edited words' attention (see the module docstring) as a region at image size."""
+    r, store, tokenizer = result.record, result.edit.store, load_tokenizer()
+    layers = [name for name, site in store.site_of.items()
+              if site.is_cross and site.place != "mid" and edits.side(site) == r.blend_res]
+    size = result.images[0].size[::-1]
+    masks = []
+    for k, target in enumerate(r.targets, start=1):
+        words = edited_words(r, target)
+        if not words or not layers:
+            masks.append(None)
+            continue
+        columns = [i for w in words for i in align.token_indices(tokenizer, target, w)]
+        maps = torch.stack([store.average(name)[k][:, columns].sum(-1).reshape(store.site_of[name].res)
+                            for name in layers]).mean(0)
+        masks.append(metrics.attention_region(maps, size, threshold))
+    return masks
+
+
+def run_cell(sd, cell: Cell, weights: Path, out: Path, dtype: str, nets: Nets = Nets(), region: str = "blend",
+             threshold: float = 0.3) -> dict:
+    """Sample one cell, save its images (and its edit regions), and measure them."""
+    plan = run.prepare(cell.record, weights, cache_dir=out / "inversions", store=region == "attention")
     result = run.run(sd, plan, dtype)
+    blend = plan.edit.blend
+    if region == "attention":
+        masks = attention_masks(result, threshold)
+    elif region == "blend" and blend is not None and blend.last_mask is not None:
+        size = result.images[0].size[::-1]
+        masks = [F.interpolate(blend.last_mask[1 + i][None].float(), size=size)[0, 0] > 0.5
+                 for i in range(len(cell.record.targets))]
+    else:
+        masks = [None] * len(cell.record.targets)
     meta = {"experiment": json.dumps(cell.record.to_json(), ensure_ascii=False), "software": "p2p sweep",
             "checkpoint": sd.name, "checkpoint_fingerprint": sd.fingerprint, "dtype": dtype}
     names = {"source": f"cells/{cell.key}.source.png",
              "targets": [f"cells/{cell.key}.target{i}.png" for i in range(len(cell.record.targets))], "regions": []}
     output.save_image(out / names["source"], result.images[0], meta)
-    blend = plan.edit.blend
-    for i, target in enumerate(names["targets"]):
+    for i, (target, mask) in enumerate(zip(names["targets"], masks)):
         output.save_image(out / target, result.images[1 + i], meta)
-        if blend is not None and blend.last_mask is not None:
-            size = result.images[0].size[::-1]
-            mask = F.interpolate(blend.last_mask[1 + i][None].float(), size=size)[0, 0] > 0.5
-            region = f"cells/{cell.key}.target{i}.region.png"
-            output.save_image(out / region, Image.fromarray(mask.numpy().astype(np.uint8) * 255), meta)
-            names["regions"].append(region)
-        else:
-            names["regions"].append(None)
+        names["regions"].append(None if mask is None else f"cells/{cell.key}.target{i}.region.png")
+        if mask is not None:
+            output.save_image(out / names["regions"][-1], Image.fromarray(mask.numpy().astype(np.uint8) * 255), meta)
     return {"key": cell.key, "index": cell.index, "case": cell.case, "axes": dict(cell.axes),
             "record": cell.record.to_json(), "images": names, "metrics": cell_metrics(out, names, cell.record, nets)}
 
@@ -268,8 +313,9 @@ def sweep(spec: dict, weights: Path, out: Path, shard: tuple[int, int] = (0, 1),
     if todo:
         sd, path = load_model(), results_file(out, shard)
         nets = Nets(metrics.Clip.load(clip) if clip else None, metrics.Dino.load(dino) if dino else None)
+        region, threshold = spec.get("region", "blend"), spec.get("region_threshold", 0.3)
         for cell in tqdm(todo, desc="cells", file=sys.stderr):
-            append(path, run_cell(sd, cell, weights, out, dtype, nets))
+            append(path, run_cell(sd, cell, weights, out, dtype, nets, region, threshold))
     report(spec, every, out)
     return every
 

@@ -112,4 +112,7 @@ def test_bad_recipes_are_one_line(tiny_file, tmp_path, capsys):
     code, err = run(capsys, "edit", "--weights", tiny_file, "--target", DOG, "--mode", "replace",
                     "--out", tmp_path / "x.png")
     assert code == 2 and "--source is required (or give --recipe)" in err, err
+    code, err = run(capsys, "edit", "--weights", tiny_file, "--source", CAT, "--mode", "replace",
+                    "--out", tmp_path / "x.png")
+    assert code == 2 and "--target is required (or give --recipe)" in err, err
     assert not (tmp_path / "x.png").exists()

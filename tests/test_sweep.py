@@ -171,3 +171,18 @@ def test_clip_and_dino_metrics_join_when_their_weights_are_there(tiny_file, nets
         assert row["metrics"] == sweep.cell_metrics(tmp_path / "with", row["images"], record, net)
         assert {"clip_score", "clip_direction", "structure"} <= set(row["metrics"][0])
     assert "| clip_score | clip_direction | structure |" in (tmp_path / "with" / "summary.md").read_text()
+
+
+def test_edited_words_and_an_attention_region(tiny_file, tmp_path):
+    r = sweep.record.from_json({"source": CAT, "targets": [DOG], "mode": "replace", "reweight": {"bicycle": 2}})
+    assert sweep.edited_words(r, DOG) == ["dog", "bicycle"]
+    refine = sweep.record.from_json({"source": HOUSE, "targets": [HOUSE + " at winter"], "mode": "refine"})
+    assert sweep.edited_words(refine, HOUSE + " at winter") == ["at", "winter"]
+    spec = {"base": SPEC["base"], "cases": [{"name": "cat", "source": CAT, "targets": [DOG], "mode": "replace"}],
+            "axes": {"seed": [0]}, "region": "attention", "region_threshold": 0.5}
+    sweep.sweep(spec, tiny_file, tmp_path / "s", load_model=lambda: load(tiny_file))
+    (row,) = sweep.read_results(tmp_path / "s").values()
+    region = metrics.as_tensor(Image.open(tmp_path / "s" / row["images"]["regions"][0]))[0] > 0.5
+    assert 0 < region.float().mean() < 1 and "locality" in row["metrics"][0]
+    with pytest.raises(InputError, match="spec.region: one of blend, attention, none"):
+        sweep.cells({**spec, "region": "words"})
