@@ -263,10 +263,15 @@ def sweep(args):
         return
     if args.weights is None:
         raise InputError("--weights is required (only --report works without a model)")
-    if not args.out.parent.is_dir():
-        raise InputError(f"output directory does not exist: {args.out.parent}")
     if args.out.exists() and not args.out.is_dir():
         raise InputError(f"--out {args.out} is a file: a sweep writes a folder")
+    try:   # the folder made, and written to once, before the model loads
+        (args.out / "cells").mkdir(parents=True, exist_ok=True)
+        probe = args.out / ".p2p-write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise InputError(f"cannot make the sweep folder {args.out}: {e.strerror or e}") from None
     sweeps.sweep(spec, args.weights, args.out, sweeps.shard_of(args.shard), overrides,
                  lambda: load_model(args.weights, args.device, args.dtype), args.dtype, args.clip, args.dino)
     wrote(args.out / "summary.md")

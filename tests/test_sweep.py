@@ -186,3 +186,15 @@ def test_edited_words_and_an_attention_region(tiny_file, tmp_path):
     assert 0 < region.float().mean() < 1 and "locality" in row["metrics"][0]
     with pytest.raises(InputError, match="spec.region: one of blend, attention, none"):
         sweep.cells({**spec, "region": "words"})
+
+
+def test_the_sweep_folder_is_made_with_its_parents(tiny_file, tmp_path, capsys):
+    (tmp_path / "spec.json").write_text(json.dumps({**SPEC, "cases": SPEC["cases"][:1], "axes": {"seed": [0]}}))
+    out = tmp_path / "sweeps" / "first"
+    assert main(["sweep", str(tmp_path / "spec.json"), "--weights", str(tiny_file), "--out", str(out),
+                 "--base", "steps=1"]) == 0, capsys.readouterr().err
+    assert (out / "results.jsonl").is_file() and not (out / ".p2p-write-test").exists()
+    (tmp_path / "file").write_text("")
+    assert main(["sweep", str(tmp_path / "spec.json"), "--weights", str(tiny_file),
+                 "--out", str(tmp_path / "file" / "x")]) == 2
+    assert "cannot make the sweep folder" in capsys.readouterr().err
