@@ -252,7 +252,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=at_least(8), default=512, help="image height (default 512)")
     p.add_argument("--width", type=at_least(8), default=512, help="image width (default 512)")
 
-    p = commands.add_parser("download", help="fetch a diffusers-layout SD v1 repository (safetensors only)")
+    p = commands.add_parser("download", help="fetch a diffusers-layout SD v1 repository, or one transformers "
+                            "model for the metrics (safetensors only)")
     p.add_argument("--repo", default=DEFAULT_REPO, help=f"repository id (default {DEFAULT_REPO})")
     p.add_argument("--dir", type=Path, default=Path("weights"), help="where to put it (default weights/)")
     p.add_argument("--fp16", action="store_true", help="take the fp16 weight files where the repository has them")
