@@ -70,6 +70,13 @@ def fail(message: str):
     sys.exit(f"make_golden: {message}")
 
 
+def write(out: Path, tensors: dict, metadata: dict[str, str]):
+    """Save goldens (the make_golden*.py scripts all end here) and say where and how big."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(out), metadata=metadata)
+    print(f"wrote {out.relative_to(ROOT)} ({out.stat().st_size / 1024:.0f} KiB, {len(tensors)} tensors)")
+
+
 def seeded(seed: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(seed)
 
@@ -152,8 +159,7 @@ def write_odd_size(unet, vae, text_encoder, tokenizer, folder: Path):
                 "torch": torch.__version__, "transformers": transformers.__version__,
                 "diffusers": diffusers.__version__, "prompt": PROMPTS[0], "unet_timestep": "500",
                 "latents": json.dumps(ODD_LATENTS), "guidance": str(GUIDANCE), "e2e": json.dumps(ODD_E2E)}
-    save_file({k: v.detach().contiguous() for k, v in g.items()}, str(ODD_OUT), metadata=metadata)
-    print(f"wrote {ODD_OUT.relative_to(ROOT)} ({ODD_OUT.stat().st_size / 1024:.0f} KiB, {len(g)} tensors)")
+    write(ODD_OUT, g, metadata)
 
 
 @torch.no_grad()
@@ -250,9 +256,7 @@ def main(argv=None):
         "scheduler": json.dumps(SCHEDULER), "size": str(SIZE), "guidance": str(GUIDANCE),
         "trajectory": json.dumps(TRAJECTORY), "e2e": json.dumps(E2E), "e2e_negative": json.dumps(E2E_NEGATIVE),
     }
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in g.items()}, str(OUT), metadata=metadata)
-    print(f"wrote {OUT.relative_to(ROOT)} ({OUT.stat().st_size / 1024:.0f} KiB, {len(g)} tensors)")
+    write(OUT, g, metadata)
     tmp.cleanup()
 
 

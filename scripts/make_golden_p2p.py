@@ -60,7 +60,6 @@ import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
 from diffusers import DDIMScheduler, UNet2DConditionModel  # noqa: E402
 from diffusers.models.attention_processor import AttnProcessor  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
 from transformers import CLIPTextModel, CLIPTokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -366,10 +365,11 @@ def max_diff(a, b) -> float:
     return (a.double() - b.double()).abs().max().item()
 
 
-def main():
+def reference_models():
+    """The tiny checkpoint written anew and loaded by diffusers and transformers (each checked
+    filled): (its temporary folder, the diffusers folder, the UNet, the tokenizer, encode(prompts))."""
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
-    torch.manual_seed(0)   # nothing below should draw from the global generator; seeded anyway
     tmp = tempfile.TemporaryDirectory()
     make_tiny.main([tmp.name])
     folder = Path(tmp.name) / "tiny-diffusers"
@@ -383,6 +383,12 @@ def main():
         ids = tokenizer(prompts, padding="max_length", max_length=M, truncation=True, return_tensors="pt").input_ids
         return text_encoder(ids)[0]
 
+    return tmp, folder, unet, tokenizer, encode
+
+
+def main():
+    torch.manual_seed(0)   # nothing below should draw from the global generator; seeded anyway
+    tmp, folder, unet, tokenizer, encode = reference_models()
     cases = {name: {**DEFAULTS, **case} for name, case in CASES.items()}
     prompts_all = list(dict.fromkeys(p for case in cases.values() for p in case["prompts"]))
     splits = {p: [tokenizer.convert_ids_to_tokens(tokenizer(w, add_special_tokens=False).input_ids)
@@ -437,9 +443,7 @@ def main():
         "keys": "CASE [1+k, 4, 16, 16]: final latents of the case's [source, targets...] with its edit; "
                 "plain [len(plain_prompts), 4, 16, 16]: each of plain_prompts sampled alone without an edit",
     }
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in g.items()}, str(OUT), metadata=metadata)
-    print(f"wrote {OUT.relative_to(ROOT)} ({OUT.stat().st_size / 1024:.0f} KiB, {len(g)} tensors)")
+    make_golden.write(OUT, g, metadata)
     tmp.cleanup()
 
 

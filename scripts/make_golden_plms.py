@@ -20,22 +20,18 @@ Nothing of p2p/ or models/ is used, except scripts/make_tiny.py to write the wei
 """
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import diffusers
 import torch
 import transformers
-from diffusers import PNDMScheduler, UNet2DConditionModel
+from diffusers import PNDMScheduler
 from diffusers.models.attention_processor import AttnProcessor
-from safetensors.torch import save_file
-from transformers import CLIPTextModel, CLIPTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import make_golden  # noqa: E402
-import make_golden_p2p as ref  # noqa: E402   (the reference controller, edits and blend)
-import make_tiny  # noqa: E402
+import make_golden_p2p as ref  # noqa: E402   (the reference controller, edits, blend and models)
 
 OUT = ROOT / "tests" / "golden" / "plms.safetensors"
 STEPS, SEED, GUIDANCE, M = ref.STEPS, 0, 7.5, ref.M      # 10 steps -> 11 UNet calls
@@ -119,19 +115,7 @@ def text2image_plms(unet, encode, prompts, size: int, controller=None) -> tuple[
 
 
 def main():
-    diffusers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.set_verbosity_error()
-    tmp = tempfile.TemporaryDirectory()
-    make_tiny.main([tmp.name])
-    folder = Path(tmp.name) / "tiny-diffusers"
-    unet = UNet2DConditionModel.from_pretrained(str(folder / "unet"), torch_dtype=torch.float32).eval()
-    text_encoder = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), torch_dtype=torch.float32).eval()
-    tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"), model_max_length=M, pad_token="<|endoftext|>")
-
-    def encode(prompts):
-        ids = tokenizer(prompts, padding="max_length", max_length=M, truncation=True, return_tensors="pt").input_ids
-        return text_encoder(ids)[0]
-
+    tmp, folder, unet, tokenizer, encode = ref.reference_models()
     g = {"fingerprint": make_golden.fingerprint(folder)}
     cases = {name: {**DEFAULTS, **case} for name, case in CASES.items()}
     plain = {}
@@ -180,9 +164,7 @@ def main():
         "settings": json.dumps(dict(self_max_tokens=ref.SELF_MAX_TOKENS, blend_res=ref.BLEND_RES)),
         "keys": "CASE [len(prompts), 4, size/8, size/8]: final latents of the case's prompts after 10 PLMS steps",
     }
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in g.items()}, str(OUT), metadata=metadata)
-    print(f"wrote {OUT.relative_to(ROOT)} ({OUT.stat().st_size / 1024:.0f} KiB, {len(g)} tensors)")
+    make_golden.write(OUT, g, metadata)
     tmp.cleanup()
 
 
