@@ -90,14 +90,11 @@ def safetensors_header(path: Path) -> bytes:
 
 
 def read_safetensors(path: Path, device, dtype) -> dict[str, torch.Tensor]:
-    """All tensors of a file, each cast as it is read so peak memory stays near the result.
-    On the "meta" device only the header is read: shapes without data, for the architecture."""
+    """All tensors of a file, each cast as it is read so peak memory stays near the result."""
     header = safetensors_header(path)
-    if torch.device(device).type == "meta":
-        entries = json.loads(header[8:])
-        entries.pop("__metadata__", None)
+    if torch.device(device).type == "meta":   # the architecture alone: shapes from the header, no data read
         return {k: torch.empty(e["shape"], dtype=dtype if e["dtype"] in ("F64", "F32", "F16", "BF16") else torch.int64,
-                               device="meta") for k, e in entries.items()}
+                               device="meta") for k, e in json.loads(header[8:]).items() if k != "__metadata__"}
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = list(f.keys())
@@ -375,8 +372,7 @@ def load(path, device="cpu", dtype=torch.float32) -> StableDiffusion:
     """Load SD v1 from a single .safetensors file (LDM layout) or a diffusers-layout folder.
 
     | path   | a `.safetensors` file or a folder with unet/, vae/, text_encoder/ |
-    | device | where the weights go ("cpu", "cuda", "mps"; "meta": the architecture |
-    |        | alone, read from the headers in milliseconds, for listing its layers) |
+    | device | "cpu", "cuda", "mps"; "meta": the architecture alone, from the headers |
     | dtype  | torch.float32, torch.float16 or torch.bfloat16                      |
     """
     check_device(device)

@@ -41,9 +41,7 @@ def timesteps(steps: int) -> list[int]:
 def schedule(steps: int) -> list[tuple[int, float, float]]:
     """(t, alpha_from, alpha_to) per UNet call: the call evaluates the UNet at t and moves the
     sample from alpha_from to alpha_to. Call 1 redoes call 0's move, t_0 -> t_1."""
-    alphas, stride = ddim.alphas_cumprod(), ddim.TRAIN_STEPS // steps
-    to = lambda t: alphas[t - stride].item() if t >= stride else alphas[0].item()
-    calls = [(t, alphas[t].item(), to(t)) for t in ddim.timesteps(steps)]
+    calls = ddim.schedule(steps)   # (t, alpha_t, alpha_prev) per DDIM step
     return calls[:1] + [(calls[1][0], *calls[0][1:])] + calls[1:] if steps > 1 else calls
 
 

@@ -1,4 +1,5 @@
 """The CLIP ViT-L/14 text encoder of SD v1, through `transformers`, and its BPE tokenizer."""
+import functools
 from pathlib import Path
 
 import torch
@@ -30,8 +31,9 @@ def embeddings(model: CLIPTextModel):
     return getattr(model, "text_model", model).embeddings
 
 
+@functools.cache   # building it parses 1.7 MB of vocabulary (~30 ms); a sweep asks for it per cell
 def load_tokenizer(directory: Path = TOKENIZER_DIR) -> CLIPTokenizer:
-    """Tokenizer that pads with <|endoftext|> to 77 tokens, as SD v1 was trained."""
+    """Tokenizer that pads with <|endoftext|> to 77 tokens, as SD v1 was trained (one per folder, shared)."""
     return CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"),
                          pad_token="<|endoftext|>", model_max_length=MAX_TOKENS)
 
