@@ -111,8 +111,7 @@ def write_generation(sd, prompts: list[str], negative: str, dtype: str, out: Pat
 
 # ---- p2p edit --------------------------------------------------------------------------
 
-LISTS = {"targets": "target", "word_steps": "word_steps", "blend": "blend", "blend_subtract": "blend_subtract",
-         "reweight": "reweight"}   # record fields whose flags repeat (given when not empty)
+LISTS = ("targets", "word_steps", "blend", "blend_subtract", "reweight")   # repeating flags: given when not empty
 
 
 def read_recipe(path: Path) -> dict:
@@ -134,7 +133,7 @@ def read_recipe(path: Path) -> dict:
 def record_of(args) -> Experiment:
     """The flags as an experiment record: with --recipe, its record with the flags given after it
     in place of its fields; without, the flags alone (their defaults are the record's)."""
-    flags = {field: getattr(args, LISTS.get(field, field)) for field in record.FIELDS}
+    flags = {field: getattr(args, "target" if field == "targets" else field) for field in record.FIELDS}
     flags = {k: str(v) if isinstance(v, Path) else v for k, v in flags.items()}
     if args.recipe is None:
         return record.from_json({k: v for k, v in flags.items() if v not in (None, []) or k not in record.REQUIRED},
@@ -263,15 +262,6 @@ def sweep(args):
         return
     if args.weights is None:
         raise InputError("--weights is required (only --report works without a model)")
-    if args.out.exists() and not args.out.is_dir():
-        raise InputError(f"--out {args.out} is a file: a sweep writes a folder")
-    try:   # the folder made, and written to once, before the model loads
-        (args.out / "cells").mkdir(parents=True, exist_ok=True)
-        probe = args.out / ".p2p-write-test"
-        probe.touch()
-        probe.unlink()
-    except OSError as e:
-        raise InputError(f"cannot make the sweep folder {args.out}: {e.strerror or e}") from None
     sweeps.sweep(spec, args.weights, args.out, sweeps.shard_of(args.shard), overrides,
                  lambda: load_model(args.weights, args.device, args.dtype), args.dtype, args.clip, args.dino)
     wrote(args.out / "summary.md")

@@ -292,6 +292,7 @@ class PromptToPrompt:
                  cross_sites: Sites = ALL, self_sites: Sites = ALL):
         self.b, self.cross, self.sites, self.edit_uncond = len(prompts), cross, sites, edit_uncond
         self.cross_sites, self.self_sites = cross_sites, self_sites
+        self.linear = cross.linear() if cross is not None else None   # (L, d): see fused()
         self.alphas = cross_alphas(tokenizer, prompts, steps, cross_steps)
         self.self_steps, self.self_max_tokens = self_window(steps, self_steps), self_max_tokens
         self.blend = blend
@@ -321,13 +322,13 @@ class PromptToPrompt:
         if self.stores(site):
             return None
         out = F.scaled_dot_product_attention(q, k, v)
+        if site.is_cross:   # this step's window mixed in: alpha E + (1 - alpha) P_tgt
+            (mix, own), a = self.linear, self.alphas[self.step]             # [k, m, m], [k, m]; a [k, m]
+            mix, own = (mix * a[:, None, :]).to(v), (own * a + 1 - a).to(v)
         halves = [self.b, 0] if self.edit_uncond else [self.b]   # row offsets of the halves to edit
         for h in halves:
             src, tgt = slice(h, h + 1), slice(h + 1, h + self.b)
             if site.is_cross:
-                mix, own = self.cross.linear()                              # [k, m, m], [k, m]
-                a = self.alphas[self.step]                                  # [k, m]
-                mix, own = (mix * a[:, None, :]).to(v), (own * a + 1 - a).to(v)
                 from_src = torch.einsum("kij,khjd->khid", mix, v[tgt])      # L V_tgt
                 new = (F.scaled_dot_product_attention(q[src].expand_as(q[tgt]), k[src].expand_as(k[tgt]), from_src)
                        + F.scaled_dot_product_attention(q[tgt], k[tgt], own[:, None, :, None] * v[tgt]))

@@ -277,7 +277,7 @@ def command_line(record: Experiment) -> list[str]:
     defaults, out = Experiment(record.source, record.targets, record.mode), []
     for field_name in FIELDS:
         value = getattr(record, field_name)
-        if field_name in ("source", "mode") or value != getattr(defaults, field_name) or field_name == "targets":
+        if field_name in REQUIRED or value != getattr(defaults, field_name):
             flag = name(field_name, None)
             if field_name == "targets":
                 out += [a for t in value for a in (flag, t)]

@@ -34,7 +34,7 @@ def build_edit(record: Experiment, tokenizer, store: bool = False) -> edits.Prom
     blend = None
     if record.blend_mask:
         blend = edits.MaskBlend(read_mask(Path(record.blend_mask)), start=int(record.blend_start * record.steps))
-    if record.blend:
+    elif record.blend:   # (record.check allows one of the two)
         blend = edits.LocalBlend(tokenizer, prompts, [list(w) for w in record.blend], record.blend_threshold,
                                  record.blend_res, subtract=[list(w) for w in record.blend_subtract] or None,
                                  start=int(record.blend_start * record.steps))

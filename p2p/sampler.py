@@ -78,8 +78,8 @@ def generate(sd: StableDiffusion, prompts: list[str], seed: int = 0, steps: int 
     after = getattr(edit, "after_step", None)
     method = SAMPLERS[sampler]
     # leave=None: a bar of its own stays on screen, one nested under a sweep's goes when done
-    calls = tqdm(method.schedule(steps), desc="sampling", disable=not progress, leave=None, file=sys.stderr)
-    return method.sample(denoise, x, calls, after)
+    bar = tqdm(method.schedule(steps), desc="sampling", disable=not progress, leave=None, file=sys.stderr)
+    return method.sample(denoise, x, bar, after)
 
 
 @torch.no_grad()

@@ -284,6 +284,20 @@ def run_cell(sd, cell: Cell, weights: Path, out: Path, dtype: str, nets: Nets = 
             "record": cell.record.to_json(), "images": names, "metrics": cell_metrics(out, names, cell.record, nets)}
 
 
+def make_folder(out: Path):
+    """The sweep's folder (with its parents) and its cells/ and inversions/, written to once."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file: a sweep writes a folder")
+    try:
+        for sub in ("cells", "inversions"):
+            (out / sub).mkdir(parents=True, exist_ok=True)
+        probe = out / ".p2p-write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise InputError(f"cannot make the sweep folder {out}: {e.strerror or e}") from None
+
+
 def check_cells(every: list[Cell], weights: Path, out: Path):
     """Every cell's words, sizes, photo and layers, before the model loads (its architecture is
     read from the checkpoint's headers)."""
@@ -302,9 +316,8 @@ def sweep(spec: dict, weights: Path, out: Path, shard: tuple[int, int] = (0, 1),
     any; CLIP and DINO from their folders, skipped with a note where absent), then write the
     tables and sheets from every shard's results so far."""
     every = cells(spec, overrides)
+    make_folder(out)
     check_cells(every, weights, out)
-    (out / "cells").mkdir(parents=True, exist_ok=True)
-    (out / "inversions").mkdir(exist_ok=True)
     done = read_results(out)
     k, n = shard
     todo = [c for c in every if c.index % n == k and c.key not in done]
