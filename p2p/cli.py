@@ -6,6 +6,7 @@ one line. Bad input is one line on stderr and exit status 2.
 """
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -303,4 +304,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"p2p {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:   # `p2p sites | head`: the reader has gone, so there is no one to tell
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # nor a flush at exit to fail
+        return 0
     return 0
