@@ -176,14 +176,21 @@ class Clip:
         ids = self.tokenizer([text], padding="max_length", max_length=77, truncation=True, return_tensors="pt")
         return self.model.text_projection(self.model.text_model(input_ids=ids.input_ids).pooler_output).float()[0]
 
+    @staticmethod
+    def cos(a: torch.Tensor, b: torch.Tensor) -> float:
+        return math.nan if a.norm() == 0 or b.norm() == 0 else F.cosine_similarity(a, b, dim=0).item()
+
     def score(self, image, text: str) -> float:
-        return 100 * max(F.cosine_similarity(self.image(image), self.text(text), dim=0).item(), 0.0)
+        return 100 * max(self.cos(self.image(image), self.text(text)), 0.0)
 
     def direction(self, source, edited, source_text: str, target_text: str) -> float:
-        di, dt = self.image(edited) - self.image(source), self.text(target_text) - self.text(source_text)
-        if di.norm() == 0 or dt.norm() == 0:
-            return math.nan
-        return F.cosine_similarity(di, dt, dim=0).item()
+        return self.cos(self.image(edited) - self.image(source), self.text(target_text) - self.text(source_text))
+
+    def measure(self, source, edited, source_text: str, target_text: str) -> dict[str, float]:
+        """clip_score and clip_direction of one edit, each of the four embeddings computed once."""
+        edited_i, target_t = self.image(edited), self.text(target_text)
+        return {"clip_score": 100 * max(self.cos(edited_i, target_t), 0.0),
+                "clip_direction": self.cos(edited_i - self.image(source), target_t - self.text(source_text))}
 
 
 class Dino:

@@ -221,8 +221,7 @@ def cell_metrics(out: Path, images: dict, r: Experiment, nets: Nets = Nets()) ->
         edited = load_png(out / target)
         row = metrics.pixel_metrics(source, edited, mask)
         if nets.clip is not None:
-            row["clip_score"] = nets.clip.score(edited, target_text)
-            row["clip_direction"] = nets.clip.direction(source, edited, r.source, target_text)
+            row |= nets.clip.measure(source, edited, r.source, target_text)
         if nets.dino is not None:
             row["structure"] = nets.dino.distance(source, edited)
         rows.append(row)
