@@ -27,6 +27,8 @@ from PIL import Image
 from models import InputError
 from models.text import TOKENIZER_DIR, load_tokenizer
 
+from . import align, edits
+
 WINDOW, SIGMA = 11, 1.5          # Wang et al. (2004)
 K1, K2 = 0.01, 0.03
 
@@ -102,6 +104,36 @@ def attention_region(maps: torch.Tensor, size, threshold: float = 0.3) -> torch.
     by their max, resized (nearest) to `size` (H, W), above the threshold."""
     m = maps.double() / maps.max().clamp(min=1e-12)
     return F.interpolate(m[None, None], size=tuple(size))[0, 0] > threshold
+
+
+def edited_words(r, target: str) -> list[str]:
+    """The words an edit (a p2p.record.Experiment) changes in a target: swapped (replace), added
+    (refine), re-weighted."""
+    source, words = r.source.split(" "), target.split(" ")
+    changed = [t for s, t in zip(source, words) if s != t] if r.mode == "replace" else \
+        [t for t in words if t not in source] if r.mode == "refine" else []
+    return list(dict.fromkeys(changed + [w for w in r.reweight if w in words]))
+
+
+def attention_masks(result, threshold: float) -> list[torch.Tensor | None]:
+    """Per target of a p2p.run.Result (its edit with a store), the edited words' (edited_words)
+    cross-attention as a region at image size: the blend_res maps of the down and up blocks,
+    averaged over steps, layers and heads, divided by their max, above `threshold`."""
+    r, store, tokenizer = result.record, result.edit.store, load_tokenizer()
+    layers = [name for name, site in store.site_of.items()
+              if site.is_cross and site.place != "mid" and edits.side(site) == r.blend_res]
+    size = result.images[0].size[::-1]
+    masks = []
+    for k, target in enumerate(r.targets, start=1):
+        words = edited_words(r, target)
+        if not words or not layers:
+            masks.append(None)
+            continue
+        columns = [i for w in words for i in align.token_indices(tokenizer, target, w)]
+        maps = torch.stack([store.average(name)[k][:, columns].sum(-1).reshape(store.site_of[name].res)
+                            for name in layers]).mean(0)
+        masks.append(attention_region(maps, size, threshold))
+    return masks
 
 
 def pixel_metrics(source, edited, region=None) -> dict[str, float]:

@@ -17,15 +17,10 @@ appends each finished one, whole record and metrics, as a line of DIR/results.js
 The tables (results.csv, summary.md) and the contact sheets (sheet-AXIS.png) are made from
 all results files and the images under DIR/cells, never kept apart from them.
 
-Metrics (p2p/metrics.py) compare each target image with the source image of its cell, read
-back from the saved PNGs: background MSE, PSNR, SSIM outside the edit region and the edit's
-locality inside it. The region is, with "blend" (the default), the local blend's final mask
-(or the drawn blend_mask) when the case blends, else none; with "attention", the edited
-words' cross-attention (swapped, added or re-weighted words; the blend_res maps of the down
-and up blocks averaged over steps, layers and heads, divided by their max, > 0.3, or the
-spec's "region_threshold"); with "none", the whole image is background. With the CLIP
-and DINO weights, also the CLIP score of the target image and its prompt, the CLIP direction
-of the edit, and the DINO structure distance between source and target.
+Metrics (p2p/metrics.py) compare each target with its cell's source, read back from the saved
+PNGs: background MSE, PSNR, SSIM outside the edit region and locality inside it (the region:
+the blend's final mask or drawn blend_mask; the edited words' attention, see metrics.attention_masks;
+or none), and with their weights the CLIP score and direction and DINO structure distance.
 """
 import csv
 import hashlib
@@ -46,9 +41,8 @@ from tqdm import tqdm
 
 from models import InputError
 from models.checkpoint import load
-from models.text import load_tokenizer
 
-from . import align, edits, metrics, output, record, run, viz
+from . import metrics, output, record, run, viz
 from .record import Experiment
 
 METRICS = ("mse", "psnr", "ssim", "locality", "clip_score", "clip_direction", "structure")
@@ -193,9 +187,10 @@ def read_results(out: Path) -> dict[str, dict]:
 
 def append(path: Path, row: dict):
     """One line, flushed to disk before the next cell starts: a killed run loses one cell at most."""
-    torn = path.exists() and path.stat().st_size > 0 and path.read_bytes()[-1:] != b"\n"
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(("\n" if torn else "") + json.dumps(row, ensure_ascii=False) + "\n")   # never glued to a torn line
+    with open(path, "a+b") as f:                      # appends wherever the reading position is
+        end = f.seek(0, os.SEEK_END)
+        torn = end > 0 and f.seek(end - 1) >= 0 and f.read(1) != b"\n"   # a killed run's cut line
+        f.write(b"\n" * torn + json.dumps(row, ensure_ascii=False).encode() + b"\n")
         f.flush()
         os.fsync(f.fileno())
 
@@ -228,33 +223,6 @@ def cell_metrics(out: Path, images: dict, r: Experiment, nets: Nets = Nets()) ->
     return rows
 
 
-def edited_words(r: Experiment, target: str) -> list[str]:
-    """The words an edit changes in a target: swapped (replace), added (refine), re-weighted."""
-    source, words = r.source.split(" "), target.split(" ")
-    changed = [t for s, t in zip(source, words) if s != t] if r.mode == "replace" else \
-        [t for t in words if t not in source] if r.mode == "refine" else []
-    return list(dict.fromkeys(changed + [w for w in r.reweight if w in words]))
-
-
-def attention_masks(result: run.Result, threshold: float) -> list[torch.Tensor | None]:
-    """Per target, its edited words' attention (see the module docstring) as a region at image size."""
-    r, store, tokenizer = result.record, result.edit.store, load_tokenizer()
-    layers = [name for name, site in store.site_of.items()
-              if site.is_cross and site.place != "mid" and edits.side(site) == r.blend_res]
-    size = result.images[0].size[::-1]
-    masks = []
-    for k, target in enumerate(r.targets, start=1):
-        words = edited_words(r, target)
-        if not words or not layers:
-            masks.append(None)
-            continue
-        columns = [i for w in words for i in align.token_indices(tokenizer, target, w)]
-        maps = torch.stack([store.average(name)[k][:, columns].sum(-1).reshape(store.site_of[name].res)
-                            for name in layers]).mean(0)
-        masks.append(metrics.attention_region(maps, size, threshold))
-    return masks
-
-
 def run_cell(sd, cell: Cell, weights: Path, out: Path, dtype: str, nets: Nets = Nets(), region: str = "blend",
              threshold: float = 0.3) -> dict:
     """Sample one cell, save its images (and its edit regions), and measure them."""
@@ -262,7 +230,7 @@ def run_cell(sd, cell: Cell, weights: Path, out: Path, dtype: str, nets: Nets = 
     result = run.run(sd, plan, dtype)
     blend = plan.edit.blend
     if region == "attention":
-        masks = attention_masks(result, threshold)
+        masks = metrics.attention_masks(result, threshold)
     elif region == "blend" and blend is not None and blend.last_mask is not None:
         size = result.images[0].size[::-1]
         masks = [F.interpolate(blend.last_mask[1 + i][None].float(), size=size)[0, 0] > 0.5

@@ -175,9 +175,9 @@ def test_clip_and_dino_metrics_join_when_their_weights_are_there(tiny_file, nets
 
 def test_edited_words_and_an_attention_region(tiny_file, tmp_path):
     r = sweep.record.from_json({"source": CAT, "targets": [DOG], "mode": "replace", "reweight": {"bicycle": 2}})
-    assert sweep.edited_words(r, DOG) == ["dog", "bicycle"]
+    assert metrics.edited_words(r, DOG) == ["dog", "bicycle"]
     refine = sweep.record.from_json({"source": HOUSE, "targets": [HOUSE + " at winter"], "mode": "refine"})
-    assert sweep.edited_words(refine, HOUSE + " at winter") == ["at", "winter"]
+    assert metrics.edited_words(refine, HOUSE + " at winter") == ["at", "winter"]
     spec = {"base": SPEC["base"], "cases": [{"name": "cat", "source": CAT, "targets": [DOG], "mode": "replace"}],
             "axes": {"seed": [0]}, "region": "attention", "region_threshold": 0.5}
     sweep.sweep(spec, tiny_file, tmp_path / "s", load_model=lambda: load(tiny_file))
