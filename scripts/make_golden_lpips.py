@@ -1,0 +1,82 @@
+"""Write tests/golden/lpips.safetensors: seeded LPIPS weights in p2p's layout, image pairs, and the
+distances the lpips package (the reference, never a dependency) gives them.
+
+How it was run (once, from the repository root):
+
+    python -m venv /tmp/lpipsvenv
+    /tmp/lpipsvenv/bin/pip install torch==2.13.0 six safetensors torchvision==0.2.2.post3 lpips==0.1.4
+    /tmp/lpipsvenv/bin/python scripts/make_golden_lpips.py
+
+torchvision 0.28.0, the release for torch 2.13, is on PyPI only as a CUDA build whose compiled ops
+do not load with the CPU torch; 0.2.2.post3 is pure Python and its squeezenet1_1 builds the same
+features (same layers, indices and ceil_mode pools), which is all lpips takes from it; main() only
+restores the PIL.PILLOW_VERSION name that it imports.
+
+ImageNet weights cannot be downloaded here, so the trunk is random (pnet_rand=True, seeded, with
+random biases too, where torchvision starts them at 0); the lin layers are lpips' real v0.1
+squeeze weights. The pairs are uint8 [H, W, 3]; the reference reads them as x / 255 in float32
+with normalize=True (2x - 1), what PIE-Bench's [-1, 1] input is. The 70 x 90 pair makes every
+ceil_mode pool round up somewhere.
+"""
+import sys
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "tests" / "golden" / "lpips.safetensors"
+sys.path.insert(0, str(ROOT / "scripts"))
+
+
+def pairs(g: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Four uint8 image pairs [H, W, 3]: noise vs noise, a pattern vs its shifted noisy copy,
+    noise vs a slightly perturbed copy, and non-square rings vs a blurred low-contrast copy."""
+    def u8(x):
+        return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+
+    def noise(h, w, scale=1.0):
+        return scale * torch.rand(h, w, 3, generator=g)
+
+    y, x = torch.meshgrid(torch.linspace(0, 1, 64), torch.linspace(0, 1, 64), indexing="ij")
+    pattern = torch.stack([x, y, 0.5 + 0.5 * torch.sin(12 * x) * torch.cos(9 * y)], -1)
+    a = noise(64, 64)
+    out = [(u8(noise(64, 64)), u8(noise(64, 64))),
+           (u8(pattern), u8(pattern.roll(2, dims=1) + noise(64, 64, 0.1) - 0.05)),
+           (u8(a), u8(a + noise(64, 64, 4 / 255) - 2 / 255))]
+    y, x = torch.meshgrid(torch.linspace(-1, 1, 70), torch.linspace(-1.3, 1.3, 90), indexing="ij")
+    rings = 0.5 + 0.5 * torch.cos(20 * (x * x + y * y).sqrt())
+    rings = torch.stack([rings, rings.flip(1), 1 - rings], -1)
+    blurred = torch.nn.functional.avg_pool2d(rings.permute(2, 0, 1)[None], 5, 1, 2, count_include_pad=False)
+    out.append((u8(rings), u8(0.2 + 0.6 * blurred[0].permute(1, 2, 0))))
+    return out
+
+
+def main():
+    import PIL
+    PIL.PILLOW_VERSION = PIL.__version__   # torchvision 0.2.2 imports this name (gone since Pillow 7)
+    import lpips   # the reference, only here
+    from safetensors.torch import save_file
+    from convert_lpips import our_layout
+    torch.manual_seed(0)
+    model = lpips.LPIPS(net="squeeze", version="0.1", pretrained=True, pnet_rand=True, verbose=False).eval()
+    with torch.no_grad():
+        for name, p in model.net.named_parameters():
+            if name.endswith(".bias"):
+                p.uniform_(-0.1, 0.1)
+    tensors = our_layout(model.state_dict())
+    image = lambda u: u.permute(2, 0, 1)[None].float() / 255
+    distances = []
+    for k, (a, b) in enumerate(pairs(torch.Generator().manual_seed(0))):
+        with torch.no_grad():
+            distances.append(model(image(a), image(b), normalize=True).item())
+        tensors[f"golden.{k}.a"], tensors[f"golden.{k}.b"] = a.contiguous(), b.contiguous()
+        print(f"pair {k} {tuple(a.shape)}: {distances[-1]:.9g}")
+    tensors["golden.distances"] = torch.tensor(distances, dtype=torch.float64)
+    reference = f"lpips {version('lpips')}, torchvision {version('torchvision')}, torch {torch.__version__}"
+    save_file(tensors, OUT, metadata={"reference": reference})
+    print(f"wrote {OUT} ({OUT.stat().st_size / 1e6:.1f} MB; {reference})")
+
+
+if __name__ == "__main__":
+    main()
