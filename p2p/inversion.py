@@ -1,9 +1,11 @@
-"""Real photographs in: DDIM inversion, null-text inversion (Mokady et al., 2023) and
-negative-prompt inversion (Miyake et al., 2023), and the inversion file.
+"""Real photographs in: DDIM inversion, null-text inversion (Mokady et al., 2023),
+negative-prompt inversion (Miyake et al., 2023), direct inversion (Ju et al., 2023, "PnP
+Inversion"), and the inversion file.
 
 An inversion finds where the sampler must start (x_T) and what the unconditional half of
-guidance must see at each step (the null embeddings) so that sampling the source prompt
-gives the photo back; Prompt-to-Prompt then edits from there. Letters: h w latent size
+guidance must see at each step (the null embeddings), or what to add to the source row
+after each step (direct inversion's offsets), so that sampling the source prompt gives
+the photo back; Prompt-to-Prompt then edits from there. Letters: h w latent size
 (image size / 8), m = 77 tokens, D the text width (768 in SD v1).
 """
 import hashlib
@@ -27,7 +29,8 @@ from .output import save_tensors
 from .sampler import guidance_batch
 
 MIN_SIZE = 64          # 8x8 latents: the UNet's three stride-2 convs take them down to 1x1
-METHODS = ("null-text", "negative-prompt", "ddim")
+METHODS = ("null-text", "negative-prompt", "ddim", "direct")
+GUIDED = ("null-text", "direct")   # methods whose tensors hold only at the guidance they were made for
 MAX_NULL_TEXT_STEPS = 100   # the learning rate 1e-2 * (1 - i/100) reaches 0 at outer step 100
 EARLY_STOP, EARLY_STOP_SLOPE = 1e-5, 2e-5   # stop the inner loop below 1e-5 + i * 2e-5 (official)
 
@@ -77,7 +80,7 @@ def encode(sd: StableDiffusion, image: torch.Tensor) -> torch.Tensor:
     return sd.vae.encode(image.to(sd.device, sd.dtype)).float()
 
 
-# ---- the three inversions ----------------------------------------------------------------
+# ---- the four inversions -----------------------------------------------------------------
 
 def unet_eps(sd: StableDiffusion, x, t: int, context) -> torch.Tensor:
     return sd.unet(x.to(sd.dtype), t, context.to(sd.dtype)).float()
@@ -147,11 +150,28 @@ def negative_prompt_inversion(cond, steps: int) -> torch.Tensor:
     return cond.float().expand(steps, -1, -1)
 
 
+@torch.no_grad()
+def direct_offsets(sd: StableDiffusion, trajectory: list[torch.Tensor], cond, null, guidance: float = 7.5,
+                   progress: bool = True) -> torch.Tensor:
+    """[steps, 4, h, w], noisiest first: o_i = z*_{t-1} - DDIM step(z*_t, guided eps at z*_t).
+    Guided DDIM from z*_T that adds o_i after step i retraces `trajectory` to z0 (Ju et al.'s
+    direct inversion). Each step starts at stepped + o_i: z*_{t-1}, rounded as the sampler will
+    round it, so sampling the source prompt alone lands on these very points."""
+    steps, offsets, x = len(trajectory) - 1, [], trajectory[-1]
+    bar = tqdm(ddim.schedule(steps), desc="direct offsets", disable=not progress, leave=None, file=sys.stderr)
+    for i, (t, alpha_t, alpha_prev) in enumerate(bar):
+        stepped = ddim.ddim_step(x, guided_eps(sd, x, t, cond, null, guidance), alpha_t, alpha_prev)[0]
+        offsets.append(trajectory[steps - i - 1] - stepped)
+        x = stepped + offsets[-1]
+    return torch.cat(offsets)
+
+
 def invert(sd: StableDiffusion, z0, prompt: str, method: str = "null-text", steps: int = 50,
            guidance: float = 7.5, inner_steps: int = 10, progress: bool = True):
-    """(x_T [1, 4, h, w], null embeddings [steps, m, D] or None for plain DDIM inversion).
+    """(x_T [1, 4, h, w], null embeddings [steps, m, D] or None, direct offsets [steps, 4, h, w] or None):
+    what sampler.generate takes as x_T, null_embeddings and source_offsets.
 
-    | method      | "null-text", "negative-prompt" or "ddim"                          |
+    | method      | "null-text", "negative-prompt", "ddim" or "direct"               |
     | guidance    | the scale the photo will be sampled (and edited) at              |
     | inner_steps | Adam steps per outer step at most (null-text only)               |
     """
@@ -161,10 +181,12 @@ def invert(sd: StableDiffusion, z0, prompt: str, method: str = "null-text", step
     cond, null = sd.text.encode([prompt]), sd.text.encode([""])
     trajectory = ddim_inversion(sd, z0, cond, steps, progress=progress)
     if method == "ddim":
-        return trajectory[-1], None
+        return trajectory[-1], None, None
+    if method == "direct":
+        return trajectory[-1], None, direct_offsets(sd, trajectory, cond, null, guidance, progress)
     if method == "negative-prompt":
-        return trajectory[-1], negative_prompt_inversion(cond, steps)
-    return trajectory[-1], null_text_inversion(sd, trajectory, cond, null, guidance, inner_steps, progress)
+        return trajectory[-1], negative_prompt_inversion(cond, steps), None
+    return trajectory[-1], null_text_inversion(sd, trajectory, cond, null, guidance, inner_steps, progress), None
 
 
 # ---- the inversion file ------------------------------------------------------------------
@@ -174,8 +196,13 @@ class Inversion:
     """An inverted photo: the tensors and, as strings, what they were made from (see SETTINGS)."""
     x_T: torch.Tensor                      # [1, 4, h, w]
     z0: torch.Tensor                       # [1, 4, h, w]
-    null_embeddings: torch.Tensor | None   # [steps, m, D]; None for "ddim" (the "" embedding)
+    null_embeddings: torch.Tensor | None   # [steps, m, D]; None for "ddim" and "direct" (the "" embedding)
+    direct_offsets: torch.Tensor | None    # [steps, 4, h, w], added to the source row; "direct" only
     settings: dict[str, str]
+
+    def start(self) -> dict:
+        """sampler.generate's keyword arguments that sample from this inversion."""
+        return {"x_T": self.x_T, "null_embeddings": self.null_embeddings, "source_offsets": self.direct_offsets}
 
 
 # what an inversion depends on; a cached one is reused only when every entry matches
@@ -185,9 +212,9 @@ SETTINGS = ("prompt", "method", "steps", "guidance", "inner_steps", "size", "che
 
 def save(path: Path, inv: Inversion, extra: dict[str, str] | None = None):
     """Write the inversion file; `extra` metadata (dtype, device) is recorded but never matched."""
-    tensors = {"x_T": inv.x_T, "z0": inv.z0}
-    if inv.null_embeddings is not None:
-        tensors["null_embeddings"] = inv.null_embeddings
+    tensors = {"x_T": inv.x_T, "z0": inv.z0, "null_embeddings": inv.null_embeddings,
+               "direct_offsets": inv.direct_offsets}
+    tensors = {k: v for k, v in tensors.items() if v is not None}
     save_tensors(path, tensors, {**(extra or {}), **inv.settings, "software": "p2p invert"})
 
 
@@ -200,15 +227,16 @@ def read(path: Path) -> Inversion:
             settings, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise InputError(f"cannot read {path} as a safetensors file ({e})") from None
-    missing = [k for k in SETTINGS if k not in settings] + [k for k in ("x_T", "z0") if k not in tensors]
-    if not missing and settings["method"] != "ddim" and "null_embeddings" not in tensors:
-        missing = ["null_embeddings"]
+    needs = {"ddim": (), "direct": ("direct_offsets",)}.get(settings.get("method"), ("null_embeddings",))
+    missing = [k for k in SETTINGS if k not in settings] + [k for k in ("x_T", "z0", *needs) if k not in tensors]
     if missing == ["checkpoint_fingerprint"]:
         raise InputError(f"{path} was made by an older p2p that did not fingerprint the weights: invert again")
     if missing:
         raise InputError(f"{path} is not a p2p inversion file (it lacks {missing[0]})")
     steps, size = int(settings["steps"]), int(settings["size"].split("x")[0])
-    null = tensors.get("null_embeddings")
-    if tensors["x_T"].shape != (1, 4, size // 8, size // 8) or (null is not None and null.shape[0] != steps):
+    latent = (4, size // 8, size // 8)
+    null, offsets = tensors.get("null_embeddings"), tensors.get("direct_offsets")
+    if (tensors["x_T"].shape != (1, *latent) or (null is not None and null.shape[0] != steps)
+            or (offsets is not None and offsets.shape != (steps, *latent))):
         raise InputError(f"{path}: tensor shapes do not match its {settings['size']} px, {steps}-step metadata")
-    return Inversion(tensors["x_T"], tensors["z0"], null, settings)
+    return Inversion(tensors["x_T"], tensors["z0"], null, offsets, settings)

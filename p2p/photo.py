@@ -1,7 +1,7 @@
 """A photo to edit: its inversion's settings, the inversion file to reuse or the one to make.
 
 An edit of a photo starts from an inversion: one given as `inversion` must have been made for
-the same prompt, photo, size, steps (and guidance, for null-text) and weights (their
+the same prompt, photo, size, steps (and guidance, for null-text and direct) and weights (their
 fingerprint); without one, the edit inverts first and keeps the result in a cache folder (next
 to its output, for the CLI) as PHOTO.KEY.inversion.safetensors, KEY a hash of every setting,
 reused by the next edit with the same settings. A file of that name that is not such an
@@ -47,16 +47,16 @@ def load(image: Path, want: dict[str, str]) -> torch.Tensor:
 def invert(sd, image: torch.Tensor, want: dict[str, str]) -> Inversion:
     """Invert the photo for the settings `want` (see settings())."""
     z0 = inversion.encode(sd, image)
-    x_T, null = inversion.invert(sd, z0, want["prompt"], want["method"], int(want["steps"]),
-                                 float(want["guidance"]), int(want["inner_steps"] or 0))
-    return Inversion(x_T, z0, null, want)
+    x_T, null, offsets = inversion.invert(sd, z0, want["prompt"], want["method"], int(want["steps"]),
+                                          float(want["guidance"]), int(want["inner_steps"] or 0))
+    return Inversion(x_T, z0, null, offsets, want)
 
 
 def reconstruct(sd, inv: Inversion) -> torch.Tensor:
     """Sample the source prompt from the inversion, no edit: z0 again, as well as the inversion is good."""
     size, s = int(inv.settings["size"].split("x")[0]), inv.settings
     return sampler.generate(sd, [s["prompt"]], steps=int(s["steps"]), guidance=float(s["guidance"]),
-                            height=size, width=size, x_T=inv.x_T, null_embeddings=inv.null_embeddings)
+                            height=size, width=size, **inv.start())
 
 
 def report(sd, inv: Inversion, z0_rec: torch.Tensor):
@@ -80,7 +80,7 @@ def report_latents(inv: Inversion, latents: torch.Tensor):
 HINTS = {"prompt": "the source must be the prompt the photo was inverted with",
          "size": "edit at the size it was inverted at (height, width)",
          "steps": "edit with the steps it was inverted with",
-         "guidance": "null-text embeddings only reconstruct at the guidance they were optimised for",
+         "guidance": "null-text embeddings and direct offsets only reconstruct at the guidance they were made for",
          "checkpoint_fingerprint": "an inversion only holds for the weights that made it"}
 
 
@@ -93,7 +93,7 @@ def check_match(path: Path, inv: Inversion, want: dict[str, str]):
                          f"{inv.settings['checkpoint_fingerprint']}) than {want['checkpoint']} (fingerprint "
                          f"{want['checkpoint_fingerprint']}): {HINTS['checkpoint_fingerprint']}")
     for key in ("prompt", "size", "steps", "guidance"):
-        if key == "guidance" and inv.settings["method"] != "null-text":
+        if key == "guidance" and inv.settings["method"] not in inversion.GUIDED:
             continue
         if inv.settings[key] != want[key]:
             raise InputError(f"{path} was made with {key} {inv.settings[key]!r}, not {want[key]!r}: {HINTS[key]}")

@@ -17,7 +17,7 @@ MAX_SEED = 2 ** 64 - 1                     # torch.Generator.manual_seed's range
 MODES = ("replace", "refine", "reweight")
 SAMPLERS = ("ddim", "plms")                # p2p/sampler.py's
 MAPPERS = ("aligned", "official")          # p2p/align.py's replace mappers
-METHODS = ("null-text", "negative-prompt", "ddim")   # p2p/inversion.py's
+METHODS = ("null-text", "negative-prompt", "ddim", "direct")   # p2p/inversion.py's
 
 Window = float | tuple[float, float]
 

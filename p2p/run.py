@@ -132,9 +132,9 @@ def run(sd, plan: Plan, dtype: str = "float32", progress: bool = True) -> Result
     """Sample the plan's record with its edit (from its photo's inversion, for a photo edit)."""
     record, start, inv = plan.record, {}, None
     check_model(sd, record)
-    if plan.photo is not None:   # start from the inversion, its null embeddings in every prompt's guidance
+    if plan.photo is not None:   # start from the inversion: x_T, null embeddings, direct offsets
         inv = photo.inversion_of(sd, plan.photo, dtype)
-        start = {"x_T": inv.x_T, "null_embeddings": inv.null_embeddings}
+        start = inv.start()
     latents = sampler.generate(sd, record.prompts, record.seed, record.steps, record.guidance, record.height,
                                record.width, edit=plan.edit, sampler=record.sampler, progress=progress, **start)
     images = output.to_pil(sampler.decode(sd, latents))

@@ -42,8 +42,8 @@ def check_size(height: int, width: int, steps: int):
 
 @torch.no_grad()
 def generate(sd: StableDiffusion, prompts: list[str], seed: int = 0, steps: int = 50, guidance: float = 7.5,
-             height: int = 512, width: int = 512, negative: str = "", edit=None, x_T=None,
-             null_embeddings=None, sampler: str = "ddim", progress: bool = True) -> torch.Tensor:
+             height: int = 512, width: int = 512, negative: str = "", edit=None, x_T=None, null_embeddings=None,
+             source_offsets=None, sampler: str = "ddim", progress: bool = True) -> torch.Tensor:
     """Sample latents for each prompt from one shared x_T; returns float32 [b, 4, h, w].
 
     | prompts         | the batch; with an edit, [source, target, ...]                    |
@@ -51,6 +51,8 @@ def generate(sd: StableDiffusion, prompts: list[str], seed: int = 0, steps: int 
     | edit            | an attention edit (see p2p/edits.py), or None for plain sampling  |
     | x_T             | start latents [1, 4, h, w]; default `initial_noise(seed, ...)`    |
     | null_embeddings | [steps, m, width]: per-step unconditional context (null-text inversion) |
+    | source_offsets  | [steps, 4, h, w]: added to row 0 after each step, before the edit's       |
+    |                 | after_step (direct inversion: the source row retraces the photo)          |
     | sampler         | "ddim", or "plms" (the official notebook's): N + 1 UNet calls, the edit's |
     |                 | step counts calls 0..N                                                |
     """
@@ -58,6 +60,8 @@ def generate(sd: StableDiffusion, prompts: list[str], seed: int = 0, steps: int 
         raise InputError(f"unknown sampler {sampler!r}: choose from {', '.join(SAMPLERS)}")
     if sampler != "ddim" and null_embeddings is not None:
         raise InputError("null embeddings belong to a DDIM inversion; edit an inverted photo with sampler ddim")
+    if sampler != "ddim" and source_offsets is not None:
+        raise InputError("direct inversion's offsets belong to DDIM; edit an inverted photo with sampler ddim")
     check_size(height, width, steps)
     check_finite("guidance", guidance)
     b = len(prompts)
@@ -75,7 +79,13 @@ def generate(sd: StableDiffusion, prompts: list[str], seed: int = 0, steps: int 
         eps_uncond, eps_cond = eps.chunk(2)
         return eps_uncond + guidance * (eps_cond - eps_uncond)
 
-    after = getattr(edit, "after_step", None)
+    blend = getattr(edit, "after_step", None)
+
+    def after(i, x):
+        if source_offsets is not None:   # o_i puts the source row back on the photo's DDIM trajectory
+            x = torch.cat([x[:1] + source_offsets[i].to(x), x[1:]])
+        return x if blend is None else blend(i, x)
+
     method = SAMPLERS[sampler]
     # leave=None: a bar of its own stays on screen, one nested under a sweep's goes when done
     bar = tqdm(method.schedule(steps), desc="sampling", disable=not progress, leave=None, file=sys.stderr)

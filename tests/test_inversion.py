@@ -4,7 +4,6 @@ The tiny model is random, not a denoiser: DDIM inversion reconstructs poorly on 
 assert only what holds for any model (exact step inverse, null-text beating plain DDIM
 inversion, identity edits) and print the rest.
 """
-import shutil
 
 import numpy as np
 import pytest
