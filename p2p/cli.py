@@ -1,4 +1,4 @@
-"""The `p2p` command: generate, edit, invert, maps, sites, sweep, download.
+"""The `p2p` command: generate, edit, invert, maps, sites, sweep, bench, download.
 
 This file parses and checks the flags; p2p/commands.py does the work. It imports only the
 standard library, so `--help` and usage errors are instant and Ctrl-C while torch loads is
@@ -12,7 +12,8 @@ from pathlib import Path
 
 DTYPES = ("float32", "float16", "bfloat16")
 SAMPLERS = ("ddim", "plms")                          # p2p/sampler.py's
-METHODS = ("null-text", "negative-prompt", "ddim")   # p2p/inversion.py's, kept here to stay light
+METHODS = ("null-text", "negative-prompt", "ddim", "direct")   # p2p/inversion.py's, kept here to stay light
+PIE_METHODS = ("ddim", "null-text", "negative-prompt", "direct")   # p2p/pie.py's order
 DEFAULT_REPO = "CompVis/stable-diffusion-v1-4"       # the checkpoint of the paper's SD figures
 MAX_SEED = 2 ** 64 - 1                               # torch.Generator.manual_seed's range
 
@@ -109,6 +110,32 @@ def at_least(low: int):
     return check
 
 
+def names(allowed):
+    """A comma-separated list of names from `allowed`, each once."""
+    def check(text: str) -> list[str]:
+        items = text.split(",")
+        bad = next((i for i in items if i not in allowed), None)
+        if bad is not None:
+            raise argparse.ArgumentTypeError(f"{bad!r} is not one of {', '.join(allowed)}")
+        if len(set(items)) < len(items):
+            raise argparse.ArgumentTypeError(f"a name given twice in {text!r}")
+        return items
+    return check
+
+
+def numbers(low: int, high: int):
+    """A comma-separated list of distinct integers in low..high."""
+    def check(text: str) -> list[int]:
+        try:
+            values = [int(v) for v in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"comma-separated integers, got {text!r}") from None
+        if not all(low <= v <= high for v in values) or len(set(values)) < len(values):
+            raise argparse.ArgumentTypeError(f"distinct integers from {low} to {high}, got {text!r}")
+        return values
+    return check
+
+
 # ---- the parser ------------------------------------------------------------------------
 
 def add_model_args(p: argparse.ArgumentParser):
@@ -132,7 +159,8 @@ def add_sampling_args(p: argparse.ArgumentParser):
 
 def add_inversion_args(p: argparse.ArgumentParser):
     p.add_argument("--method", choices=METHODS, default="null-text", help="inversion: null-text "
-                   "(optimised, slow), negative-prompt (no optimisation) or plain ddim (default null-text)")
+                   "(optimised, slow), negative-prompt (no optimisation), plain ddim, or direct (DDIM inversion "
+                   "plus per-step offsets that put the source row back on the photo; default null-text)")
     p.add_argument("--inner-steps", type=at_least(1), default=10, help="null-text: Adam steps per DDIM step "
                    "at most (default 10)")
     p.add_argument("--offsets", default="0,0,0,0", metavar="L,R,T,B", help="pixels to crop off the photo's "
@@ -215,7 +243,8 @@ def parser() -> argparse.ArgumentParser:
                    "(default 7.5)")
     p.add_argument("--size", type=at_least(8), default=512, help="model image size: the photo is "
                    "centre-cropped to a square and resized to it (default 512)")
-    p.add_argument("--out", type=Path, required=True, help="safetensors: x_T, z0, null_embeddings, settings")
+    p.add_argument("--out", type=Path, required=True, help="safetensors: x_T, z0, null_embeddings or "
+                   "direct_offsets, settings")
 
     p = commands.add_parser("maps", help="per-token cross-attention maps over the generated image")
     add_model_args(p)
@@ -247,6 +276,35 @@ def parser() -> argparse.ArgumentParser:
                    "CLIP score and direction (default weights/openai--clip-vit-large-patch14; skipped if absent)")
     p.add_argument("--dino", type=Path, default=Path("weights/facebook--dino-vitb8"), help="DINO ViT-B/8 for the "
                    "structure distance (default weights/facebook--dino-vitb8; skipped if absent)")
+
+    p = commands.add_parser("bench", help="benchmarks: pie, PIE-Bench's 700 photos inverted, edited and scored")
+    benches = p.add_subparsers(dest="bench", required=True, parser_class=Parser)
+    p = benches.add_parser("pie", help="PIE-Bench (Ju et al., 2023): every photo inverted and edited by each "
+                           "method under the benchmark's P2P protocol, scored as its authors score")
+    p.add_argument("--data", type=Path, required=True, help="the PIE-Bench folder: mapping_file.json and "
+                   "annotation_images/ (from the benchmark's authors)")
+    add_model_args(p)
+    p.add_argument("--out", type=Path, required=True, help="its folder: results*.jsonl, table.md, sheet.png, "
+                   "cells/ (made if missing; a rerun resumes)")
+    p.add_argument("--methods", type=names(PIE_METHODS), default=list(PIE_METHODS), metavar="M,M",
+                   help=f"inversions, comma-separated (default {','.join(PIE_METHODS)})")
+    p.add_argument("--types", type=numbers(0, 9), metavar="T,T", help="editing types 0-9, comma-separated "
+                   "(default all)")
+    p.add_argument("--limit", type=at_least(1), metavar="N", help="the first N photos of each type (default all)")
+    p.add_argument("--shard", metavar="K/N", help="run cell i only if i %% N == K (default: RANK/WORLD_SIZE or "
+                   "SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT from the environment, else all)")
+    p.add_argument("--base", nargs="+", action="extend", default=[], metavar="FIELD=VALUE",
+                   help="change a field of the protocol's records, e.g. steps=10 (the table is then not "
+                   "PIE-Bench's)")
+    p.add_argument("--report", action="store_true", help="only rebuild table.md and sheet.png from the results")
+    p.add_argument("--clip", type=Path, default=Path("weights/openai--clip-vit-large-patch14"), help="CLIP "
+                   "ViT-L/14 for the CLIP similarities (default weights/openai--clip-vit-large-patch14; skipped "
+                   "if absent)")
+    p.add_argument("--dino", type=Path, default=Path("weights/facebook--dino-vitb8"), help="DINO ViT-B/8 for the "
+                   "structure distance (default weights/facebook--dino-vitb8; skipped if absent)")
+    p.add_argument("--lpips", type=Path, default=Path("weights/lpips-squeeze.safetensors"), help="LPIPS "
+                   "(SqueezeNet) weights, made by scripts/convert_lpips.py (default "
+                   "weights/lpips-squeeze.safetensors; skipped if absent)")
 
     p = commands.add_parser("sites", help="list every attention layer: call order, name, place, map size")
     p.add_argument("--weights", type=Path, required=True, help="SD v1 checkpoint (only its headers are read)")
@@ -290,7 +348,7 @@ def main(argv=None) -> int:
 
         from . import commands
         run = {"generate": commands.generate, "edit": commands.edit, "invert": commands.invert,
-               "maps": commands.maps, "sites": commands.sites, "sweep": commands.sweep,
+               "maps": commands.maps, "sites": commands.sites, "sweep": commands.sweep, "bench": commands.bench,
                "download": commands.download}[args.command]
         try:
             run(args)

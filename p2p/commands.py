@@ -243,11 +243,11 @@ def write_maps(sd, prompt: str, res: int, window: tuple[int, int], components: i
 
 # ---- p2p sweep -------------------------------------------------------------------------
 
-def sweep(args):
-    from . import sweep as sweeps
-    spec = sweeps.read_spec(args.spec)
+def base_fields(items: list[str]) -> dict:
+    """--base FIELD=VALUE ...: record fields, each value JSON or else text, checked alone."""
+    from .sweep import check_values
     overrides = {}
-    for item in args.base:
+    for item in items:
         name, sep, value = item.partition("=")
         if not sep:
             raise InputError(f"--base takes FIELD=VALUE, got {item!r}")
@@ -255,7 +255,14 @@ def sweep(args):
             overrides[name] = json.loads(value)
         except ValueError:
             overrides[name] = value            # text, e.g. a prompt or a site list
-    sweeps.check_values(overrides, "--base")
+    check_values(overrides, "--base")
+    return overrides
+
+
+def sweep(args):
+    from . import sweep as sweeps
+    spec = sweeps.read_spec(args.spec)
+    overrides = base_fields(args.base)
     if args.report:
         sweeps.report(spec, sweeps.cells(spec, overrides), args.out)
         wrote(args.out / "summary.md")
@@ -265,6 +272,23 @@ def sweep(args):
     sweeps.sweep(spec, args.weights, args.out, sweeps.shard_of(args.shard), overrides,
                  lambda: load_model(args.weights, args.device, args.dtype), args.dtype, args.clip, args.dino)
     wrote(args.out / "summary.md")
+
+
+# ---- p2p bench pie ---------------------------------------------------------------------
+
+def bench(args):
+    from . import pie, sweep as sweeps
+    overrides = base_fields(args.base)
+    if args.report:
+        items = pie.select(pie.read(args.data), args.types, args.limit)
+        every, skipped = pie.cells(items, args.methods, overrides, args.weights, args.out)
+        wrote(pie.report(items, every, skipped, args.methods, args.out))
+        return
+    table = pie.bench(args.data, args.weights, args.out, args.methods, args.types, args.limit,
+                      sweeps.shard_of(args.shard), overrides, lambda: load_model(args.weights, args.device, args.dtype),
+                      args.dtype, args.clip, args.dino, args.lpips)
+    print(table.read_text(encoding="utf-8").split("\n\n## ")[0])
+    wrote(table)
 
 
 # ---- p2p sites -------------------------------------------------------------------------

@@ -242,14 +242,31 @@ class Dino:
         model = local_model(ViTModel, folder, "structure distance")
         return None if model is None else cls(model)
 
-    @torch.no_grad()
-    def self_similarity(self, image) -> torch.Tensor:
-        image = to_pil(image)
-        w, h = image.size
+    def pixels(self, image, pie: bool = False) -> torch.Tensor:
+        """The network's input [1, 3, h, w]: the short side resized to 224 and ImageNet-normalised.
+        pie=True follows PIE-Bench's evaluation code instead, for comparable numbers: torchvision's
+        bilinear resize without antialiasing (its torchvision 0.13), the long side truncated and capped
+        at 480, applied to pixel values 0..255 (not 0..1) before the same normalisation."""
         size = self.model.config.image_size
-        image = image.convert("RGB").resize((round(w * size / min(w, h)), round(h * size / min(w, h))), Image.BICUBIC)
-        pixels = normalised(image, IMAGENET_MEAN, IMAGENET_STD)
-        hidden = self.model(pixel_values=pixels, output_hidden_states=True, interpolate_pos_encoding=True).hidden_states
+        if not pie:
+            image = to_pil(image).convert("RGB")
+            w, h = image.size
+            image = image.resize((round(w * size / min(w, h)), round(h * size / min(w, h))), Image.BICUBIC)
+            return normalised(image, IMAGENET_MEAN, IMAGENET_STD)
+        x = as_tensor(image).float()[None] * 255
+        h, w = x.shape[-2:]
+        short, long = sorted((h, w))
+        new_short, new_long = size, int(size * long / short)
+        if new_long > 480:
+            new_short, new_long = int(480 * new_short / new_long), 480
+        x = F.interpolate(x, size=(new_short, new_long) if h <= w else (new_long, new_short), mode="bilinear",
+                          align_corners=False)
+        return (x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+
+    @torch.no_grad()
+    def self_similarity(self, image, pie: bool = False) -> torch.Tensor:
+        hidden = self.model(pixel_values=self.pixels(image, pie), output_hidden_states=True,
+                            interpolate_pos_encoding=True).hidden_states
         # transformers 5 renamed ViT's modules: layers[i].attention.k_proj, once encoder.layer[i].attention.attention.key
         last = (self.model.layers if hasattr(self.model, "layers") else self.model.encoder.layer)[-1]
         key = last.attention.k_proj if hasattr(last.attention, "k_proj") else last.attention.attention.key
@@ -257,8 +274,9 @@ class Dino:
         keys = F.normalize(keys.float(), dim=-1)
         return keys @ keys.T
 
-    def distance(self, a, b) -> float:
-        return (self.self_similarity(a) - self.self_similarity(b)).square().mean().item()
+    def distance(self, a, b, pie: bool = False) -> float:
+        """The structure distance; pie=True preprocesses as PIE-Bench does (see pixels)."""
+        return (self.self_similarity(a, pie) - self.self_similarity(b, pie)).square().mean().item()
 
 
 def to_pil(image) -> Image.Image:

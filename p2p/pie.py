@@ -1,0 +1,373 @@
+"""`p2p bench pie`: PIE-Bench (Ju et al., 2023, "PnP Inversion"), each photo inverted and edited
+by each method under the benchmark's Prompt-to-Prompt protocol, and scored as its authors score.
+
+The data set (its authors distribute it; we do not ship it) is a folder with mapping_file.json
+and annotation_images/. Per 12-digit id the mapping holds image_path (under annotation_images/),
+original_prompt and editing_prompt (words in [ ] mark the difference; the brackets are
+stripped), editing_instruction, editing_type_id ("0".."9"), blended_word ("SRC TGT" or "") and
+mask: run-length pairs [start, length, ...] over the row-major 512 x 512 grid, 1 = edited.
+
+Every (photo, method) pair is one cell, numbered photos outermost; cells are sharded, appended
+to results*.jsonl and resumed as a sweep's are (p2p/sweep.py). The tables (table.md) and the
+contact sheet (sheet.png) are made from the results files alone.
+"""
+import json
+import math
+import os
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from models import InputError
+from models.checkpoint import load
+
+from . import metrics, output, record, run, sweep, viz
+from .record import Experiment
+
+SIZE = 512                                     # PIE-Bench's photos and masks are 512 x 512
+TYPES = ("random", "change object", "add object", "delete object", "change content", "change pose",
+         "change color", "change material", "change background", "change style")
+METHODS = {"ddim": "DDIM", "null-text": "Null-text", "negative-prompt": "Negative-prompt", "direct": "Direct"}
+KEYS = ("image_path", "original_prompt", "editing_prompt", "editing_type_id", "blended_word", "mask")
+
+# PnPInversion's run_editing_p2p.py: refine, cross 0.4, self 0.6 (self-attention up to 32 x 32, as
+# the null-text notebook), local blend on the blended words from step 0.2 at threshold 0.3, the
+# target's blended word re-weighted x2, 50 DDIM steps, guidance 7.5. Our own defaults differ.
+PROTOCOL = {"mode": "refine", "cross_steps": 0.4, "self_steps": 0.6, "self_max_tokens": 1024,
+            "blend_threshold": 0.3, "steps": 50, "guidance": 7.5, "inner_steps": 10,
+            "height": SIZE, "width": SIZE, "sampler": "ddim"}
+
+# the table's columns: (result key, heading, scale, better), in the PnPInversion paper's order
+COLUMNS = (("structure", "Structure distance ×10³ ↓", 1e3), ("psnr", "PSNR ↑", 1), ("lpips", "LPIPS ×10³ ↓", 1e3),
+           ("mse", "MSE ×10⁴ ↓", 1e4), ("ssim", "SSIM ×10² ↑", 1e2), ("clip_whole", "CLIP whole ↑", 1),
+           ("clip_edited", "CLIP edited ↑", 1))
+BACKGROUND = ("psnr", "lpips", "mse", "ssim")
+
+
+@dataclass(frozen=True)
+class Item:
+    id: str
+    image: Path
+    source: str
+    target: str
+    instruction: str
+    type: int
+    blended: tuple[str, str] | None        # (source word, target word)
+    mask: tuple[int, ...]                  # run-length pairs
+
+
+def read(data: Path) -> list[Item]:
+    """Every item of DIR/mapping_file.json, checked (a bad entry is one error naming its id)."""
+    path = Path(data) / "mapping_file.json"
+    if not path.is_file():
+        raise InputError(f"--data {data}: no mapping_file.json there (a PIE-Bench folder holds mapping_file.json "
+                         "and annotation_images/)")
+    try:
+        mapping = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: not JSON ({e})") from None
+    if not isinstance(mapping, dict) or not mapping:
+        raise InputError(f"{path}: a non-empty JSON object of items by id")
+    items = []
+    for key, entry in mapping.items():
+        where = f"{path.name}[{key!r}]"
+        if not isinstance(entry, dict) or (missing := [k for k in KEYS if k not in entry]):
+            raise InputError(f"{where}: an item has {', '.join(KEYS)}" + (f" (it lacks {missing[0]})" if
+                                                                      isinstance(entry, dict) else ""))
+        if str(entry["editing_type_id"]) not in map(str, range(len(TYPES))):
+            raise InputError(f"{where}.editing_type_id: 0 to 9, got {entry['editing_type_id']!r}")
+        rle = entry["mask"]
+        if not isinstance(rle, list) or len(rle) % 2 or not all(isinstance(v, int) and v >= 0 for v in rle):
+            raise InputError(f"{where}.mask: run-length pairs [start, length, ...] of non-negative integers")
+        words = str(entry["blended_word"]).split()
+        if len(words) not in (0, 2):
+            raise InputError(f"{where}.blended_word: 'SOURCE TARGET' or '', got {entry['blended_word']!r}")
+        image = Path(data) / "annotation_images" / entry["image_path"]
+        if not image.is_file():
+            raise InputError(f"{where}.image_path: {image} does not exist")
+        strip = lambda text: str(text).replace("[", "").replace("]", "")
+        items.append(Item(str(key), image, strip(entry["original_prompt"]), strip(entry["editing_prompt"]),
+                          str(entry.get("editing_instruction", "")), int(entry["editing_type_id"]),
+                          tuple(words) or None, tuple(rle)))
+    return items
+
+
+def decode_mask(rle, border: bool = True) -> torch.Tensor:
+    """The edit region [512, 512], True = edited: each pair (start, length) sets the row-major
+    pixels start .. start + length - 1 (cut at the grid's end). PIE-Bench then sets the border
+    pixels to 1 "to avoid annotation errors"; `border` follows it, as its scores do."""
+    flat = torch.zeros(SIZE * SIZE, dtype=torch.bool)
+    for start, length in zip(rle[::2], rle[1::2]):
+        flat[start:start + length] = True
+    mask = flat.reshape(SIZE, SIZE)
+    if border:
+        mask[0, :] = mask[-1, :] = mask[:, 0] = mask[:, -1] = True
+    return mask
+
+
+def protocol(item: Item, method: str, overrides: dict | None = None) -> Experiment:
+    """The record PnPInversion's P2P protocol edits the item with (`overrides` on top, e.g. steps)."""
+    fields = {**PROTOCOL, "source": item.source, "targets": [item.target], "image": str(item.image),
+              "method": method}
+    if item.blended is not None:
+        fields |= {"blend": [[item.blended[0]], [item.blended[1]]], "blend_start": 0.2,
+                   "reweight": {item.blended[1]: 2.0}}
+    return record.from_json({**fields, **(overrides or {})}, f"item {item.id}")
+
+
+# ---- the metrics, as PIE-Bench's evaluation computes them -------------------------------------
+
+@dataclass
+class Nets:
+    clip: metrics.Clip | None = None
+    dino: metrics.Dino | None = None
+    lpips: object | None = None                # p2p.lpips.Lpips
+
+
+def score(photo, edited, mask: torch.Tensor, target: str, nets: Nets) -> dict[str, float]:
+    """PIE-Bench's scores of an edit against its photo ([3, H, W] in [0, 1]; mask [H, W], True =
+    edited). The background metrics compare both images times (1 - mask) over the whole image, so
+    the masked pixels count as equal zeros (PIE-Bench's definition, not metrics.mse's region);
+    they are nan when the mask covers everything. CLIP edited scores the target times the mask."""
+    a, b = metrics.as_tensor(photo), metrics.as_tensor(edited)
+    keep = (~mask).double()
+    out = {}
+    if nets.dino is not None:
+        out["structure"] = nets.dino.distance(a, b, pie=True)
+    if keep.any():
+        out |= {"psnr": metrics.psnr(a * keep, b * keep), "mse": metrics.mse(a * keep, b * keep),
+                "ssim": metrics.ssim(a * keep, b * keep)}
+        if nets.lpips is not None:
+            out["lpips"] = nets.lpips.distance(a * keep, b * keep)
+    else:
+        out |= {k: math.nan for k in BACKGROUND}
+    if nets.clip is not None:
+        out["clip_whole"] = nets.clip.score(b, target)
+        out["clip_edited"] = nets.clip.score(b * mask, target) if mask.any() else math.nan
+    return out
+
+
+# ---- running ----------------------------------------------------------------------------------
+
+class PeakMemory:
+    """Peak memory above the start, MiB: CUDA's allocator statistics, or the process's resident
+    set sampled every 20 ms on a CPU."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            self.base, self.peak, self.done = rss(), 0, threading.Event()
+            self.thread = threading.Thread(target=self.watch, daemon=True)
+            self.thread.start()
+        return self
+
+    def watch(self):
+        while not self.done.wait(0.02):
+            self.peak = max(self.peak, rss() - self.base)
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self.mib = (torch.cuda.max_memory_allocated() - self.base) / 2 ** 20
+        else:
+            self.done.set()
+            self.thread.join()
+            self.mib = max(self.peak, rss() - self.base) / 2 ** 20
+
+
+def rss() -> int:
+    """Resident bytes of this process (Linux; 0 elsewhere)."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def cells(items: list[Item], methods: list[str], overrides: dict | None, weights: Path,
+          out: Path) -> tuple[list[sweep.Cell], dict]:
+    """Every (item, method) cell, checked without the model, and the items skipped with why (a
+    blended word missing from its prompt, where PnPInversion's code blends with an empty map)."""
+    out_cells, skipped = [], {}
+    for i, item in enumerate(items):
+        try:
+            records = [protocol(item, m, overrides) for m in methods]
+            for r in records:
+                run.prepare(r, weights, cache_dir=out / "inversions")
+        except InputError as e:
+            skipped[item.id] = str(e)
+            continue
+        out_cells += [sweep.Cell(len(out_cells) + j, i, item.id, (("method", m),), r)
+                      for j, (m, r) in enumerate(zip(methods, records))]
+    return out_cells, skipped
+
+
+def run_cell(sd, cell: sweep.Cell, item: Item, weights: Path, out: Path, dtype: str, nets: Nets) -> dict:
+    """Invert and edit one photo with one method, save photo, reconstruction and edit, score them."""
+    r = cell.record
+    plan = run.prepare(r, weights, cache_dir=out / "inversions")
+    start = time.perf_counter()
+    with PeakMemory(sd.device) as memory:
+        result = run.run(sd, plan, dtype)
+    seconds = time.perf_counter() - start
+    if plan.photo.cache is not None:
+        plan.photo.cache.unlink(missing_ok=True)     # 12 MB a null-text inversion: not kept for 700 photos
+    meta = {"experiment": json.dumps(r.to_json(), ensure_ascii=False), "software": "p2p bench pie",
+            "checkpoint": sd.name, "checkpoint_fingerprint": sd.fingerprint, "dtype": dtype}
+    method = r.method
+    names = {"photo": f"cells/{item.id}.photo.png", "reconstruction": f"cells/{item.id}.{method}.reconstruction.png",
+             "edit": f"cells/{item.id}.{method}.edit.png"}
+    for name, image in zip(names, (result.photo, result.images[0], result.images[1])):
+        output.save_image(out / names[name], image, meta)
+    mask = mask_at(item, r.height)
+    scores = score(sweep.load_png(out / names["photo"]), sweep.load_png(out / names["edit"]), mask, r.targets[0], nets)
+    return {"key": cell.key, "index": cell.index, "id": item.id, "type": item.type, "method": method,
+            "record": r.to_json(), "images": names, "metrics": scores, "seconds": seconds, "peak_mib": memory.mib}
+
+
+def mask_at(item: Item, size: int) -> torch.Tensor:
+    """The item's mask at the edit's size (nearest), PIE-Bench's border included."""
+    mask = decode_mask(item.mask)
+    if size == SIZE:
+        return mask
+    return torch.nn.functional.interpolate(mask[None, None].float(), size=(size, size))[0, 0] > 0.5
+
+
+def bench(data: Path, weights: Path, out: Path, methods: list[str], types: list[int] | None = None,
+          limit: int | None = None, shard=(0, 1), overrides: dict | None = None, load_model=None,
+          dtype: str = "float32", clip=None, dino=None, lpips=None) -> Path:
+    """Run this shard's unfinished cells, then write table.md and sheet.png from every shard's
+    results; returns the table's path."""
+    items = select(read(data), types, limit)
+    sweep.make_folder(out)
+    every, skipped = cells(items, methods, overrides, weights, out)
+    check_model(every, weights)
+    done = sweep.read_results(out)
+    k, n = shard
+    todo = [c for c in every if c.index % n == k and c.key not in done]
+    print(f"pie: {len(items)} photos x {len(methods)} methods, {len(skipped)} photos skipped, "
+          f"{sum(c.index % n == k for c in every)} cells in shard {k}/{n}, {len(todo)} to run", file=sys.stderr)
+    if todo:
+        from .lpips import Lpips
+        sd, path = load_model(), sweep.results_file(out, shard)
+        nets = Nets(metrics.Clip.load(clip) if clip else None, metrics.Dino.load(dino) if dino else None,
+                    Lpips.load(lpips) if lpips else None)
+        by_id = {item.id: item for item in items}
+        for cell in tqdm(todo, desc="photos x methods", file=sys.stderr):
+            sweep.append(path, run_cell(sd, cell, by_id[cell.case], weights, out, dtype, nets))
+    return report(items, every, skipped, methods, out)
+
+
+def select(items: list[Item], types: list[int] | None, limit: int | None) -> list[Item]:
+    """The items of the chosen types, the first `limit` of each type (in id order)."""
+    chosen, count = [], {}
+    for item in sorted(items, key=lambda i: i.id):
+        if types is not None and item.type not in types:
+            continue
+        count[item.type] = count.get(item.type, 0) + 1
+        if limit is None or count[item.type] <= limit:
+            chosen.append(item)
+    if not chosen:
+        raise InputError(f"no PIE-Bench item of type {', '.join(map(str, types or []))} in the data")
+    return chosen
+
+
+def check_model(every: list[sweep.Cell], weights: Path):
+    """The blend's resolution and the layers exist at the size, before the model loads."""
+    architecture = load(weights, "meta")
+    for cell in every:
+        try:
+            run.check_model(architecture, cell.record)
+        except InputError as e:
+            raise InputError(f"item {cell.case}: {e}") from None
+
+
+# ---- the tables and the sheet ----------------------------------------------------------------
+
+def figure(values: list[float], scale: float) -> str:
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return "-"
+    if any(math.isinf(v) for v in values):
+        return f"inf ({sum(map(math.isinf, values))} of {len(values)})"
+    return f"{statistics.fmean(values) * scale:.2f}"
+
+
+def table(rows: list[dict], methods: list[str], label) -> list[str]:
+    """Markdown: one line per method, the mean of each metric over the rows (nan excluded)."""
+    names = [c for c in COLUMNS if any(c[0] in r["metrics"] for r in rows)]
+    lines = ["| " + " | ".join([label, *(c[1] for c in names), "s / photo", "peak MiB", "photos"]) + " |",
+             "| " + " | ".join(["---"] * (4 + len(names))) + " |"]
+    for m in methods:
+        mine = [r for r in rows if r["method"] == m]
+        if not mine:
+            continue
+        cols = [figure([r["metrics"].get(key, math.nan) for r in mine], scale) for key, _, scale in names]
+        lines.append("| " + " | ".join([f"{METHODS[m]} + P2P", *cols, f"{statistics.fmean(r['seconds'] for r in mine):.1f}",
+                                        f"{max(r['peak_mib'] for r in mine):.0f}", str(len(mine))]) + " |")
+    return lines
+
+
+def report(items: list[Item], every: list[sweep.Cell], skipped: dict, methods: list[str], out: Path) -> Path:
+    """table.md (the PnPInversion paper's layout, then one table per editing type) and sheet.png."""
+    done = sweep.read_results(out)
+    rows = [done[c.key] for c in every if c.key in done]
+    undefined = {m: sum(math.isnan(r["metrics"].get("mse", 0.0)) for r in rows if r["method"] == m) for m in methods}
+    lines = [f"# PIE-Bench\n\n{len(rows)} of {len(every)} cells done ({len(items)} photos, methods "
+             f"{', '.join(methods)}). Means over photos; structure distance on the whole image, PSNR, LPIPS, "
+             "MSE and SSIM on the unedited part (both images times 1 - mask), CLIP similarity of the whole "
+             "edit and of its edited part with the target prompt. s / photo: inversion and edit; peak MiB: "
+             "above the loaded model.\n", *table(rows, methods, "method")]
+    if any(undefined.values()):
+        lines.append("\nExcluded from the background columns (the mask covers the whole image): "
+                     + ", ".join(f"{METHODS[m]} {n}" for m, n in undefined.items() if n) + ".")
+    if skipped:
+        lines.append(f"\n{len(skipped)} photos skipped before sampling: "
+                     + "; ".join(f"{k}: {why}" for k, why in skipped.items()))
+    for t, name in enumerate(TYPES):
+        mine = [r for r in rows if r["type"] == t]
+        if mine:
+            lines += [f"\n## {t}. {name} ({len({r['id'] for r in mine})} photos)\n", *table(mine, methods, "method")]
+    (out / "table.md.tmp").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    os.replace(out / "table.md.tmp", out / "table.md")
+    if rows:
+        sheet(rows, methods, out)
+    return out / "table.md"
+
+
+def sheet(rows: list[dict], methods: list[str], out: Path, per_type: int = 2, tile: int = 160):
+    """sheet.png: per editing type its first photos, each a row: the photo, then each method's
+    reconstruction (the edit's source row) and edit."""
+    def image(name):
+        with Image.open(out / name) as im:
+            return im.convert("RGB").resize((tile, tile), Image.Resampling.LANCZOS)
+
+    by_id = {}
+    for r in rows:
+        by_id.setdefault(r["id"], {})[r["method"]] = r
+    lines, shown = [], {}
+    for id_, mine in sorted(by_id.items()):
+        t = next(iter(mine.values()))["type"]
+        if shown.setdefault(t, 0) == per_type:
+            continue
+        shown[t] += 1
+        first = next(iter(mine.values()))
+        tiles, labels = [image(first["images"]["photo"])], [f"{t}. {TYPES[t]} ({id_})"]
+        for m in methods:
+            if m in mine:
+                tiles += [image(mine[m]["images"]["reconstruction"]), image(mine[m]["images"]["edit"])]
+            else:
+                tiles += [Image.new("RGB", (tile, tile), (200, 200, 200))] * 2
+            labels += [f"{METHODS[m]}: reconstruction", f"{METHODS[m]}: edit"]
+        lines.append(output.labelled_row(tiles, labels))
+    output.save_image(out / "sheet.png", viz.stack(lines), {"software": "p2p bench pie"})
