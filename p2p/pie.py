@@ -40,6 +40,7 @@ KEYS = ("image_path", "original_prompt", "editing_prompt", "editing_type_id", "b
 # PnPInversion's run_editing_p2p.py: refine, cross 0.4, self 0.6 (self-attention up to 32 x 32, as
 # the null-text notebook), local blend on the blended words from step 0.2 at threshold 0.3, the
 # target's blended word re-weighted x2, 50 DDIM steps, guidance 7.5. Our own defaults differ.
+# Not followed: its DDIM scheduler has no steps offset (timesteps 980 .. 0), where p2p runs SD's 981 .. 1.
 PROTOCOL = {"mode": "refine", "cross_steps": 0.4, "self_steps": 0.6, "self_max_tokens": 1024,
             "blend_threshold": 0.3, "steps": 50, "guidance": 7.5, "inner_steps": 10,
             "height": SIZE, "width": SIZE, "sampler": "ddim"}
