@@ -1,13 +1,16 @@
-"""Load SD v1 weights from a single LDM-layout .safetensors file or a diffusers-layout folder.
+"""Load SD v1 or 2.x weights from a single LDM-layout .safetensors file or a diffusers-layout folder.
 
 Our module tree carries the diffusers names, so a folder loads as a plain state dict (plus
-the old VAE attention names); the single file goes through `ldm_to_diffusers`. The
+the old VAE attention names); the single file goes through `ldm.ldm_to_diffusers`. The
 architecture is read off the tensors (and config.json where a folder has one); loading is
 strict, and parameters are built on the meta device so nothing is initialised twice.
+
+SD v1 and SD 2 differ in the text encoder (OpenAI CLIP ViT-L/14, 768 wide; OpenCLIP ViT-H/14,
+1024 wide, exact GELU, padded with "!"), the heads (8 per level; 64 wide, so channels / 64), the
+transformers' projections (1x1 convs; Linear) and, for SD 2 at 768 px, the prediction (v).
 """
 import hashlib
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from . import InputError
+from .ldm import indices, ldm_to_diffusers, split_ldm, sub
 from .text import TOKENIZER_DIR, TextEncoder, embeddings, load_tokenizer, module_names, text_config
 from .unet import UNet, UNetConfig
 from .vae import VAE, VAEConfig
@@ -26,21 +30,26 @@ PICKLE = ("{path} is a pickle checkpoint: p2p never unpickles files (loading one
           "['state_dict'], 'model.safetensors')")
 PICKLE_SUFFIXES = {".ckpt", ".bin", ".pt", ".pth", ".pkl"}
 FOLDER = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
-LDM_PREFIXES = {"model.diffusion_model.": "unet", "first_stage_model.": "vae",
-                "cond_stage_model.transformer.": "text"}
-OTHER_MODELS = {"conditioner.embedders.": "an SDXL checkpoint",
-                "cond_stage_model.model.": "an SD 2.x checkpoint (OpenCLIP text encoder)",
-                "model.diffusion_model.label_emb.": "an SDXL or unCLIP checkpoint"}
+VAE_LEGACY_ATTENTION = [("query", "to_q"), ("key", "to_k"), ("value", "to_v"), ("proj_attn", "to_out.0")]
+PREDICTIONS = ("epsilon", "v_prediction")
+PAD = {False: "<|endoftext|>", True: "!"}   # SD v1 pads with the end token; SD 2 with "!" (id 0), as OpenCLIP
+SD2_PREDICTION = ("{path} is a Stable Diffusion 2.x file, which does not say what its UNet predicts: pass "
+                  "--prediction v_prediction (SD 2.0 / 2.1 at 768 px) or --prediction epsilon (the -base models "
+                  "at 512 px)")
 
 
 @dataclass
 class StableDiffusion:
-    """The three networks of SD v1, the checkpoint's name and the `fingerprint` of its files."""
+    """The three networks, the checkpoint's name, the `fingerprint` of its files, what the UNet
+    predicts ("epsilon", or "v_prediction": v = sqrt(alpha_t) eps - sqrt(1 - alpha_t) x_0) and
+    the image side it was trained at (`native_size`, pixels: 512, or 768 for SD 2 at 768)."""
     unet: UNet
     vae: VAE
     text: TextEncoder
     name: str
     fingerprint: str
+    prediction: str
+    native_size: int
 
     @property
     def device(self) -> torch.device:
@@ -109,104 +118,6 @@ def read_safetensors(path: Path, device, dtype) -> dict[str, torch.Tensor]:
         raise InputError(f"{path}: not a readable .safetensors file ({str(e).splitlines()[0]})") from None
 
 
-# ---- the single-file LDM layout -------------------------------------------------------
-
-def split_ldm(sd: dict) -> dict[str, dict]:
-    """Single-file state dict -> {"unet": .., "vae": .., "text": ..} with LDM names inside."""
-    for marker, what in OTHER_MODELS.items():
-        found = next((k for k in sd if k.startswith(marker)), None)
-        if found is not None:
-            raise InputError(f"found {what} (key {found}); p2p supports Stable Diffusion v1 only")
-    parts = {part: {} for part in LDM_PREFIXES.values()}
-    for key, value in sd.items():
-        # dropped: EMA copies, LatentDiffusion's top-level schedule buffers, CLIP's position_ids
-        if key.startswith("model_ema.") or "." not in key or key.endswith("position_ids"):
-            continue
-        prefix = next((p for p in LDM_PREFIXES if key.startswith(p)), None)
-        if prefix is None:
-            raise InputError(f"unexpected tensor {key} for a Stable Diffusion v1 checkpoint")
-        parts[LDM_PREFIXES[prefix]][key[len(prefix):]] = value
-    if not parts["unet"]:
-        raise InputError(f"not a Stable Diffusion v1 checkpoint: no model.diffusion_model.* tensors "
-                         f"(found e.g. {', '.join(list(sd)[:3])})")
-    return parts
-
-
-RESBLOCK = [("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("emb_layers.1", "time_emb_proj"),
-            ("out_layers.0", "norm2"), ("out_layers.3", "conv2"), ("skip_connection", "conv_shortcut")]
-VAE_NAMES = [("nin_shortcut", "conv_shortcut"), ("norm_out", "conv_norm_out"),
-             ("mid.block_1", "mid_block.resnets.0"), ("mid.block_2", "mid_block.resnets.1"),
-             ("mid.attn_1.norm", "mid_block.attentions.0.group_norm"),
-             ("mid.attn_1.q", "mid_block.attentions.0.to_q"), ("mid.attn_1.k", "mid_block.attentions.0.to_k"),
-             ("mid.attn_1.v", "mid_block.attentions.0.to_v"),
-             ("mid.attn_1.proj_out", "mid_block.attentions.0.to_out.0")]
-VAE_LEGACY_ATTENTION = [("query", "to_q"), ("key", "to_k"), ("value", "to_v"), ("proj_attn", "to_out.0")]
-
-
-def indices(sd: dict, pattern: str) -> list[int]:
-    return sorted({int(m[1]) for k in sd if (m := re.match(pattern, k))})
-
-
-def sub(key: str, old: str, new: str) -> str:
-    """Replace the dotted component path `old` in `key` (whole components only)."""
-    return re.sub(rf"(^|\.){re.escape(old)}(\.|$)", rf"\g<1>{new}\g<2>", key)
-
-
-def ldm_unet_key(key: str, layers: int) -> str:
-    """One LDM UNet name -> diffusers name; `layers` is res blocks per level."""
-    for old, new in [("time_embed.0", "time_embedding.linear_1"), ("time_embed.2", "time_embedding.linear_2"),
-                     ("input_blocks.0.0", "conv_in"), ("out.0", "conv_norm_out"), ("out.2", "conv_out"),
-                     ("middle_block.0", "mid_block.resnets.0"), ("middle_block.1", "mid_block.attentions.0"),
-                     ("middle_block.2", "mid_block.resnets.1")]:
-        if key.startswith(old + "."):
-            key = new + key[len(old):]
-    if m := re.match(r"input_blocks\.(\d+)\.(\d+)\.(.*)", key):
-        k, part, rest = int(m[1]), int(m[2]), m[3]
-        level, j = divmod(k - 1, layers + 1)
-        if rest.startswith("op."):       # the stride-2 conv closing a level
-            key = f"down_blocks.{level}.downsamplers.0.conv.{rest[3:]}"
-        else:
-            key = f"down_blocks.{level}.{'resnets' if part == 0 else 'attentions'}.{j}.{rest}"
-    elif m := re.match(r"output_blocks\.(\d+)\.(\d+)\.(.*)", key):
-        k, part, rest = int(m[1]), int(m[2]), m[3]
-        index, j = divmod(k, layers + 1)
-        if part > 0 and rest.startswith("conv."):   # the upsampler sits after the (optional) attention
-            key = f"up_blocks.{index}.upsamplers.0.{rest}"
-        else:
-            key = f"up_blocks.{index}.{'resnets' if part == 0 else 'attentions'}.{j}.{rest}"
-    for old, new in RESBLOCK:
-        key = sub(key, old, new)
-    return key
-
-
-def ldm_vae_key(key: str, levels: int) -> str:
-    """One LDM autoencoder name -> diffusers name. LDM numbers decoder levels from the bottom."""
-    key = re.sub(r"^encoder\.down\.(\d+)\.block\.", r"encoder.down_blocks.\1.resnets.", key)
-    key = re.sub(r"^encoder\.down\.(\d+)\.downsample\.", r"encoder.down_blocks.\1.downsamplers.0.", key)
-    if m := re.match(r"decoder\.up\.(\d+)\.(block|upsample)\.(.*)", key):
-        part = "resnets." if m[2] == "block" else "upsamplers.0."
-        key = f"decoder.up_blocks.{levels - 1 - int(m[1])}.{part}{m[3]}"
-    for old, new in VAE_NAMES:
-        key = sub(key, old, new)
-    return key
-
-
-def ldm_to_diffusers(parts: dict[str, dict]) -> dict[str, dict]:
-    """The explicit rename of the single-file layout into our (diffusers) module names."""
-    unet = parts["unet"]
-    down, blocks = indices(unet, r"input_blocks\.(\d+)\.0\.op\."), indices(unet, r"input_blocks\.(\d+)\.")
-    if not blocks:
-        raise InputError("UNet: checkpoint lacks input_blocks.* (model.diffusion_model.input_blocks.*)")
-    layers = down[0] - 1 if down else blocks[-1]
-    levels = 1 + max((int(k.split(".")[2]) for k in parts["vae"] if k.startswith("decoder.up.")), default=0)
-    vae = {}
-    for k, v in parts["vae"].items():
-        new = ldm_vae_key(k, levels)
-        vae[new] = v.flatten(1) if ".attentions." in new and v.ndim == 4 else v   # 1x1 convs -> linear
-    text = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in parts["text"].items()}
-    return {"unet": {ldm_unet_key(k, layers): v for k, v in unet.items()}, "vae": vae, "text": text}
-
-
 # ---- the architecture, read off the tensors --------------------------------------------
 
 def need(sd: dict, key: str, what: str, dims: int) -> torch.Tensor:
@@ -221,17 +132,43 @@ def need(sd: dict, key: str, what: str, dims: int) -> torch.Tensor:
 def check_split(what: str, channels: tuple[int, ...], n: int, into: str):
     """GroupNorm and attention need every width to split evenly; say so before torch does."""
     if bad := [c for c in channels if c % n]:
-        raise InputError(f"{what}: width {bad[0]} does not split into {n} {into}")
+        raise InputError(f"{what}: width {bad[0]} does not split into {into}")
 
 
-def infer_unet(sd: dict, heads: int = 8, groups: int = 32) -> UNetConfig:
-    """Shapes give levels, widths, attention levels, depth; heads and groups are SD v1 constants."""
+def linear_projections(sd: dict) -> bool:
+    """SD 2's transformers project in and out with Linear layers (2-D weights), SD v1's with 1x1 convs."""
+    proj = next((v for k, v in sd.items() if k.endswith(".proj_in.weight")), None)
+    return proj is not None and proj.ndim == 2
+
+
+def head_counts(counts: list, channels: tuple[int, ...]) -> tuple[int, int | None]:
+    """A config's head count per level -> (heads, head_dim): one count for all (SD v1), or one
+    head width (SD 2: [5, 10, 20, 20] heads for 320, 640, 1280, 1280 channels are 64 wide)."""
+    if len(counts) != len(channels) or not all(isinstance(n, int) and n > 0 for n in counts):
+        raise InputError(f"UNet: {len(channels)} levels, but the config gives the head counts {counts}")
+    if len(set(counts)) == 1:
+        return counts[0], None
+    if any(c % n for c, n in zip(channels, counts)) or len({c // n for c, n in zip(channels, counts)}) > 1:
+        raise InputError(f"UNet: head counts {counts} for widths {list(channels)} do not share one head width")
+    return UNetConfig.heads, channels[0] // counts[0]
+
+
+def infer_unet(sd: dict, heads: int | list = 8, head_dim: int | None = None, groups: int = 32) -> UNetConfig:
+    """Shapes give levels, widths, attention levels, depth and the projections; the heads are `heads`
+    per level (SD v1: 8), or `head_dim` wide (SD 2: 64), or a config's list of counts per level."""
     levels = indices(sd, r"down_blocks\.(\d+)\.")
     if not levels:
         raise InputError("UNet weights not found (no down_blocks.*)")
     channels = tuple(need(sd, f"down_blocks.{i}.resnets.0.conv1.weight", "UNet", 4).shape[0] for i in levels)
-    check_split("UNet", channels, groups, "GroupNorm groups")
-    check_split("UNet", channels, heads, "attention heads")
+    check_split("UNet", channels, groups, f"{groups} GroupNorm groups")
+    if isinstance(heads, list):
+        heads, head_dim = head_counts(heads, channels)
+    if not isinstance(heads, int) or heads < 1:
+        raise InputError(f"UNet: {heads!r} is not a number of attention heads")
+    if head_dim:
+        check_split("UNet", channels, head_dim, f"{head_dim}-wide attention heads")
+    else:
+        check_split("UNet", channels, heads, f"{heads} attention heads")
     cross = next((v for k, v in sd.items() if k.endswith("attn2.to_k.weight")), None)
     return UNetConfig(
         in_channels=need(sd, "conv_in.weight", "UNet", 4).shape[1],
@@ -240,7 +177,7 @@ def infer_unet(sd: dict, heads: int = 8, groups: int = 32) -> UNetConfig:
         layers_per_block=len(indices(sd, r"down_blocks\.0\.resnets\.(\d+)\.")),
         context_dim=cross.shape[-1] if cross is not None else 768,
         transformer_depth=max(1, len(indices(sd, r"mid_block\.attentions\.0\.transformer_blocks\.(\d+)\."))),
-        heads=heads, groups=groups)
+        heads=heads, head_dim=head_dim, linear_projection=linear_projections(sd), groups=groups)
 
 
 def infer_vae(sd: dict, groups: int = 32, scale: float = 0.18215) -> VAEConfig:
@@ -248,20 +185,21 @@ def infer_vae(sd: dict, groups: int = 32, scale: float = 0.18215) -> VAEConfig:
     if not levels:
         raise InputError("VAE weights not found (no encoder.down_blocks.*)")
     channels = tuple(need(sd, f"encoder.down_blocks.{i}.resnets.0.conv1.weight", "VAE", 4).shape[0] for i in levels)
-    check_split("VAE", channels, groups, "GroupNorm groups")
+    check_split("VAE", channels, groups, f"{groups} GroupNorm groups")
     return VAEConfig(
         image_channels=need(sd, "encoder.conv_in.weight", "VAE", 4).shape[1],
         latent_channels=need(sd, "post_quant_conv.weight", "VAE", 4).shape[0], channels=channels,
         layers_per_block=len(indices(sd, r"encoder\.down_blocks\.0\.resnets\.(\d+)\.")), groups=groups, scale=scale)
 
 
-def infer_text(sd: dict) -> CLIPTextConfig:
+def infer_text(sd: dict, act: str = "quick_gelu") -> CLIPTextConfig:
+    """Shapes give vocabulary, width, layers, MLP width; the activation is SD v1's quick_gelu, SD 2's gelu."""
     emb = need(sd, "text_model.embeddings.token_embedding.weight", "text encoder", 2)
     if emb.shape[1] % 64:
         raise InputError(f"text encoder: width {emb.shape[1]} is not a whole number of 64-wide heads")
     return text_config(vocab=emb.shape[0], width=emb.shape[1],
                        layers=len(indices(sd, r"text_model\.encoder\.layers\.(\d+)\.")),
-                       mlp=need(sd, "text_model.encoder.layers.0.mlp.fc1.weight", "text encoder", 2).shape[0])
+                       mlp=need(sd, "text_model.encoder.layers.0.mlp.fc1.weight", "text encoder", 2).shape[0], act=act)
 
 
 # ---- building the modules --------------------------------------------------------------
@@ -282,8 +220,8 @@ def fill(model: torch.nn.Module, sd: dict, what: str) -> torch.nn.Module:
     return model.eval().requires_grad_(False)
 
 
-def build(sd: dict[str, dict], path: Path, tokenizer_dir: Path, unet_cfg: UNetConfig,
-          vae_cfg: VAEConfig, text_cfg: CLIPTextConfig) -> StableDiffusion:
+def build(sd: dict[str, dict], path: Path, unet_cfg: UNetConfig, vae_cfg: VAEConfig, text_cfg: CLIPTextConfig,
+          tokenizer_dir: Path, pad: str, prediction: str, native_size: int) -> StableDiffusion:
     tokenizer = load_tokenizer(tokenizer_dir)
     # the three must fit together: latents pass UNet <-> VAE, text widths and token ids pass CLIP -> UNet
     if not unet_cfg.in_channels == unet_cfg.out_channels == vae_cfg.latent_channels:
@@ -294,18 +232,35 @@ def build(sd: dict[str, dict], path: Path, tokenizer_dir: Path, unet_cfg: UNetCo
                          f"context width {unet_cfg.context_dim}")
     if text_cfg.vocab_size != len(tokenizer):
         raise InputError(f"text encoder: {text_cfg.vocab_size} token embeddings, the tokenizer has {len(tokenizer)}")
+    if pad not in tokenizer.get_vocab():
+        raise InputError(f"the pad token {pad!r} is not in the tokenizer's vocabulary")
     with torch.device("meta"):
         unet, vae, clip = UNet(unet_cfg), VAE(vae_cfg), CLIPTextModel(text_cfg)
     unet, vae, clip = fill(unet, sd["unet"], "UNet"), fill(vae, sd["vae"], "VAE"), fill(clip, module_names(sd["text"], clip), "text encoder")
     # position_ids is a non-persistent buffer: not in checkpoints, so remake it off the meta device
     emb = embeddings(clip)
     emb.position_ids = torch.arange(emb.position_embedding.num_embeddings, device=emb.position_embedding.weight.device)[None]
-    return StableDiffusion(unet, vae, TextEncoder(clip, tokenizer), path.name, fingerprint(path))
+    return StableDiffusion(unet, vae, TextEncoder(clip, tokenizer, pad), path.name, fingerprint(path), prediction,
+                           native_size)
 
 
-def load_single_file(path: Path, device, dtype) -> StableDiffusion:
+def check_prediction(prediction, where: str) -> str:
+    if prediction not in PREDICTIONS:
+        raise InputError(f"{where}: {prediction!r} is not a prediction type p2p samples (epsilon or v_prediction)")
+    return prediction
+
+
+def load_single_file(path: Path, device, dtype, prediction: str | None) -> StableDiffusion:
+    """The text encoder tells SD 2 (OpenCLIP, cond_stage_model.model.*) from SD v1 (OpenAI CLIP); the
+    file cannot tell what SD 2's UNet predicts, so the caller must."""
+    sd2 = bool(split_ldm(read_safetensors(path, "meta", dtype))["openclip"])   # the header alone, before the data
+    if sd2 and prediction is None:
+        raise InputError(SD2_PREDICTION.format(path=path))
     sd = ldm_to_diffusers(split_ldm(read_safetensors(path, device, dtype)))
-    return build(sd, path, TOKENIZER_DIR, infer_unet(sd["unet"]), infer_vae(sd["vae"]), infer_text(sd["text"]))
+    prediction = prediction or "epsilon"
+    return build(sd, path, infer_unet(sd["unet"], head_dim=64 if sd2 else None), infer_vae(sd["vae"]),
+                 infer_text(sd["text"], "gelu" if sd2 else "quick_gelu"), TOKENIZER_DIR, PAD[sd2], prediction,
+                 768 if prediction == "v_prediction" else 512)
 
 
 def component_file(folder: Path, stem: str) -> Path:
@@ -330,8 +285,8 @@ def weight_files(path: Path) -> list[Path]:
     return [component_file(path / c, stem) for c, stem in FOLDER.items()]
 
 
-def read_config(folder: Path) -> dict:
-    file = folder / "config.json"
+def read_json(file: Path) -> dict:
+    """A folder's JSON config, {} where it has none."""
     if not file.is_file():
         return {}
     try:
@@ -343,7 +298,35 @@ def read_config(folder: Path) -> dict:
     return config
 
 
-def load_folder(path: Path, device, dtype) -> StableDiffusion:
+def pad_token(tokenizer: Path, sd2: bool) -> str:
+    """The pad token tokenizer/special_tokens_map.json (or else tokenizer_config.json) names, else
+    the model's own: "!" for SD 2, <|endoftext|> for SD v1."""
+    for file in (tokenizer / "special_tokens_map.json", tokenizer / "tokenizer_config.json"):
+        pad = read_json(file).get("pad_token")
+        pad = pad.get("content") if isinstance(pad, dict) else pad
+        if pad is not None:
+            if not isinstance(pad, str):
+                raise InputError(f"{file}: pad_token {pad!r} is not a token")
+            return pad
+    return PAD[sd2]
+
+
+def prediction_and_size(path: Path, prediction: str | None, unet_json: dict, vae_cfg: VAEConfig) -> tuple[str, int]:
+    """What a folder's UNet predicts (the caller's word, else scheduler/scheduler_config.json's, else
+    epsilon) and its native image side: unet sample_size (in latents) times the VAE's factor."""
+    scheduler = path / "scheduler" / "scheduler_config.json"
+    prediction = prediction or check_prediction(read_json(scheduler).get("prediction_type", "epsilon"), str(scheduler))
+    size = unet_json.get("sample_size")   # 64 for 512 px, 96 for SD 2 at 768 px
+    if size is not None and (not isinstance(size, int) or size < 1):
+        raise InputError(f"{path}/unet/config.json: sample_size {size!r} is not a latent size")
+    if size is None:
+        return prediction, 768 if prediction == "v_prediction" else 512
+    return prediction, size * 2 ** (len(vae_cfg.channels) - 1)
+
+
+def load_folder(path: Path, device, dtype, prediction: str | None) -> StableDiffusion:
+    """Configs say what the tensors cannot: heads, groups, VAE scale, activation, pad token, prediction;
+    without them a UNet with Linear projections is taken for SD 2, as the single file's rule would."""
     unet_file, vae_file, text_file = weight_files(path)
     sd = {"unet": read_safetensors(unet_file, device, dtype), "vae": read_safetensors(vae_file, device, dtype),
           "text": read_safetensors(text_file, device, dtype)}
@@ -351,34 +334,48 @@ def load_folder(path: Path, device, dtype) -> StableDiffusion:
     for old, new in VAE_LEGACY_ATTENTION:
         sd["vae"] = {sub(k, old, new): v for k, v in sd["vae"].items()}
     sd["text"] = {k: v for k, v in sd["text"].items() if not k.endswith("position_ids")}
-    unet_json, vae_json, text_json = (read_config(path / c) for c in FOLDER)
-    if unet_json.get("use_linear_projection") or unet_json.get("addition_embed_type"):
-        raise InputError(f"{path}: this UNet is not Stable Diffusion v1 (an SD 2.x or SDXL config)")
-    heads = unet_json.get("attention_head_dim", 8)   # diffusers' name for SD v1's head count
-    if isinstance(heads, list):
-        if len(set(heads)) != 1:
-            raise InputError(f"{path}: per-level head counts {heads} are not Stable Diffusion v1")
-        heads = heads[0]
-    text_cfg = CLIPTextConfig.from_dict(text_json) if text_json else infer_text(sd["text"])
+    unet_json, vae_json, text_json = (read_json(path / c / "config.json") for c in FOLDER)
+    if unet_json.get("addition_embed_type"):
+        raise InputError(f"{path}: an SDXL UNet (unet/config.json has addition_embed_type); "
+                         "p2p supports Stable Diffusion v1 and 2.x only")
+    sd2 = linear_projections(sd["unet"])
+    if "use_linear_projection" in unet_json and bool(unet_json["use_linear_projection"]) != sd2:
+        raise InputError(f"{path}: unet/config.json has use_linear_projection {unet_json['use_linear_projection']}, "
+                         f"but the UNet's proj_in weights are {'Linear' if sd2 else '1x1 conv'} weights")
+    # diffusers' attention_head_dim holds head counts (a historical misnomer): SD v1's 8, SD 2's [5, 10, 20, 20]
+    counts = unet_json.get("num_attention_heads") or unet_json.get("attention_head_dim")
+    if counts is not None:
+        heads = {"heads": counts}
+    else:   # no config: the single file's rule, SD 2's 64-wide heads or SD v1's 8
+        heads = {"head_dim": 64} if sd2 else {}
+    unet_cfg = infer_unet(sd["unet"], groups=unet_json.get("norm_num_groups", 32), **heads)
+    vae_cfg = infer_vae(sd["vae"], groups=vae_json.get("norm_num_groups", 32),
+                        scale=vae_json.get("scaling_factor", 0.18215))
+    act = "gelu" if sd2 else "quick_gelu"
+    text_cfg = CLIPTextConfig.from_dict(text_json) if text_json else infer_text(sd["text"], act)
     tokenizer = path / "tokenizer" if (path / "tokenizer" / "vocab.json").is_file() else TOKENIZER_DIR
-    return build(sd, path, tokenizer,
-                 infer_unet(sd["unet"], heads=heads, groups=unet_json.get("norm_num_groups", 32)),
-                 infer_vae(sd["vae"], groups=vae_json.get("norm_num_groups", 32),
-                           scale=vae_json.get("scaling_factor", 0.18215)),
-                 text_cfg)
+    prediction, native = prediction_and_size(path, prediction, unet_json, vae_cfg)
+    return build(sd, path, unet_cfg, vae_cfg, text_cfg, tokenizer, pad_token(path / "tokenizer", sd2), prediction,
+                 native)
 
 
-def load(path, device="cpu", dtype=torch.float32) -> StableDiffusion:
-    """Load SD v1 from a single .safetensors file (LDM layout) or a diffusers-layout folder.
+def load(path, device="cpu", dtype=torch.float32, prediction: str | None = None) -> StableDiffusion:
+    """Load SD v1 or 2.x from a single .safetensors file (LDM layout) or a diffusers-layout folder.
 
-    | path   | a `.safetensors` file or a folder with unet/, vae/, text_encoder/ |
-    | device | "cpu", "cuda", "mps"; "meta": the architecture alone, from the headers |
-    | dtype  | torch.float32, torch.float16 or torch.bfloat16                      |
+    | path       | a `.safetensors` file or a folder with unet/, vae/, text_encoder/           |
+    | device     | "cpu", "cuda", "mps"; "meta": the architecture alone, from the headers      |
+    | dtype      | torch.float32, torch.float16 or torch.bfloat16                                |
+    | prediction | "epsilon" or "v_prediction"; None: the folder's scheduler config says (absent: |
+    |            | epsilon), a v1 file is epsilon, an SD 2 file is refused (it cannot say)        |
     """
     check_device(device)
+    if prediction is not None:
+        check_prediction(prediction, "prediction")
     path = Path(path)
     weight_files(path)   # a missing path or folder part is named before anything is read
-    return load_folder(path, device, dtype) if path.is_dir() else load_single_file(path, device, dtype)
+    if path.is_dir():
+        return load_folder(path, device, dtype, prediction)
+    return load_single_file(path, device, dtype, prediction)
 
 
 def fingerprint(path) -> str:

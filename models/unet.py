@@ -1,4 +1,4 @@
-"""The Stable Diffusion v1 UNet, named like the diffusers-layout checkpoint.
+"""The Stable Diffusion UNet (v1 and 2.x), named like the diffusers-layout checkpoint.
 
 Letters: b batch, c channels, h w spatial, n = h*w tokens, m = 77 context tokens.
 Level i of the UNet runs at latent size / 2**i; down_blocks.i is level i, up_blocks.i is
@@ -17,16 +17,22 @@ from .attention import Attention, Site
 
 @dataclass(frozen=True)
 class UNetConfig:
-    """SD v1 values (CompVis v1-inference.yaml); tiny test models override fields."""
+    """SD v1 values (CompVis v1-inference.yaml); SD 2 (v2-inference.yaml) sets context_dim 1024,
+    head_dim 64 and linear_projection; tiny test models override fields."""
     in_channels: int = 4
     out_channels: int = 4
     channels: tuple[int, ...] = (320, 640, 1280, 1280)
     attention: tuple[bool, ...] = (True, True, True, False)   # which levels carry transformers
     layers_per_block: int = 2
-    context_dim: int = 768           # width of the CLIP ViT-L/14 text encoder
-    heads: int = 8                   # SD v1: 8 heads at every level
+    context_dim: int = 768           # width of the text encoder: CLIP ViT-L/14 (SD 2: OpenCLIP ViT-H/14, 1024)
+    heads: int = 8                   # SD v1: 8 heads at every level (num_heads) ...
+    head_dim: int | None = None      # ... SD 2: 64-wide heads instead, channels / 64 per level (num_head_channels)
+    linear_projection: bool = False  # SD 2: proj_in / proj_out are Linear layers, SD v1 1x1 convs
     transformer_depth: int = 1
     groups: int = 32                 # GroupNorm groups everywhere in SD
+
+    def heads_at(self, level: int) -> int:
+        return self.channels[level] // self.head_dim if self.head_dim else self.heads
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -107,22 +113,30 @@ class TransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    """Feature map -> tokens -> transformer blocks -> feature map, with a residual."""
+    """Feature map -> tokens -> transformer blocks -> feature map, with a residual. The projections
+    in and out are 1x1 convs on the map (SD v1) or the same maps as Linear layers on the tokens (SD 2)."""
 
     def __init__(self, dim: int, cfg: UNetConfig, name: str, place: str, level: int):
         super().__init__()
+        self.linear = cfg.linear_projection
         self.norm = nn.GroupNorm(cfg.groups, dim, eps=1e-6)
-        self.proj_in = nn.Conv2d(dim, dim, 1)
+        self.proj_in = nn.Linear(dim, dim) if self.linear else nn.Conv2d(dim, dim, 1)
         self.transformer_blocks = nn.ModuleList(
-            TransformerBlock(dim, cfg.context_dim, cfg.heads, f"{name}.transformer_blocks.{i}", place, level)
+            TransformerBlock(dim, cfg.context_dim, cfg.heads_at(level), f"{name}.transformer_blocks.{i}", place,
+                             level)
             for i in range(cfg.transformer_depth))
-        self.proj_out = nn.Conv2d(dim, dim, 1)
+        self.proj_out = nn.Linear(dim, dim) if self.linear else nn.Conv2d(dim, dim, 1)
 
     def forward(self, x, context, edit):
         h, w = x.shape[-2:]
-        y = rearrange(self.proj_in(self.norm(x)), "b c h w -> b (h w) c")
+        if self.linear:
+            y = self.proj_in(rearrange(self.norm(x), "b c h w -> b (h w) c"))
+        else:
+            y = rearrange(self.proj_in(self.norm(x)), "b c h w -> b (h w) c")
         for block in self.transformer_blocks:
             y = block(y, context, edit, (h, w))
+        if self.linear:
+            return x + rearrange(self.proj_out(y), "b (h w) c -> b c h w", h=h, w=w)
         return x + self.proj_out(rearrange(y, "b (h w) c -> b c h w", h=h, w=w))
 
 
@@ -215,7 +229,8 @@ class UpBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """eps_theta(x_t, t, text): predicts the noise in latents x_t [b, 4, h, w]."""
+    """eps_theta(x_t, t, text): predicts the noise in latents x_t [b, 4, h, w] (v-prediction
+    models, SD 2 at 768 px, predict v = sqrt(alpha_t) eps - sqrt(1 - alpha_t) x_0 instead)."""
 
     def __init__(self, cfg: UNetConfig = UNetConfig()):
         super().__init__()

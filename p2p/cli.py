@@ -13,6 +13,7 @@ from pathlib import Path
 DTYPES = ("float32", "float16", "bfloat16")
 SAMPLERS = ("ddim", "plms")                          # p2p/sampler.py's
 METHODS = ("null-text", "negative-prompt", "ddim", "direct")   # p2p/inversion.py's, kept here to stay light
+PREDICTIONS = ("epsilon", "v_prediction")            # models/checkpoint.py's
 PIE_METHODS = ("ddim", "null-text", "negative-prompt", "direct")   # p2p/pie.py's order
 DEFAULT_REPO = "CompVis/stable-diffusion-v1-4"       # the checkpoint of the paper's SD figures
 MAX_SEED = 2 ** 64 - 1                               # torch.Generator.manual_seed's range
@@ -144,6 +145,13 @@ def add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--device", choices=["cpu", "cuda", "mps"], help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and activations (default "
                    "float32; on a CPU, bfloat16 is the fast half precision, float16 is very slow)")
+    add_prediction_arg(p)
+
+
+def add_prediction_arg(p: argparse.ArgumentParser):
+    p.add_argument("--prediction", choices=PREDICTIONS, help="what the UNet predicts (default: a diffusers "
+                   "folder's scheduler config, else epsilon); an SD 2.x single file cannot say: v_prediction for "
+                   "SD 2.0 / 2.1 at 768 px, epsilon for the -base models at 512 px")
 
 
 def add_sampling_args(p: argparse.ArgumentParser):
@@ -264,6 +272,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", type=Path, help="SD v1 checkpoint (not needed with --report)")
     p.add_argument("--device", choices=["cpu", "cuda", "mps"], help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and activations (default float32)")
+    add_prediction_arg(p)
     p.add_argument("--out", type=Path, required=True, help="the sweep's folder: results*.jsonl, results.csv, "
                    "summary.md, sheet-AXIS.png, cells/ (made if missing; a rerun resumes)")
     p.add_argument("--shard", metavar="K/N", help="run cell i only if i %% N == K (default: RANK/WORLD_SIZE or "
@@ -308,6 +317,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("sites", help="list every attention layer: call order, name, place, map size")
     p.add_argument("--weights", type=Path, required=True, help="SD v1 checkpoint (only its headers are read)")
+    add_prediction_arg(p)
     p.add_argument("--height", type=at_least(8), default=512, help="image height (default 512)")
     p.add_argument("--width", type=at_least(8), default=512, help="image width (default 512)")
 

@@ -60,12 +60,12 @@ def device_of(name: str | None) -> str:
     return name
 
 
-def load_model(weights: Path, device: str | None, dtype: str):
+def load_model(weights: Path, device: str | None, dtype: str, prediction: str | None = None):
     device, start = device_of(device), time.perf_counter()
     if dtype == "float16" and device == "cpu":
         print("note: float16 on a CPU is no faster than float32 and can be far slower (about 15x on CPUs "
               "without float16 arithmetic); --dtype bfloat16 is the fast half precision on CPUs", file=sys.stderr)
-    sd = load(weights, device, DTYPES[dtype])
+    sd = load(weights, device, DTYPES[dtype], prediction)
     print(f"loaded {sd.name} ({dtype}, {device}) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return sd
 
@@ -89,7 +89,7 @@ def generate(args, sd=None):
     check_prompts(load_tokenizer(), args.prompt + [args.negative])   # before the slow load
     check_outputs({"--out": (args.out, "image"), "--latents-out": (args.latents_out, "tensors")},
                   {"--weights": args.weights})
-    sd = sd or load_model(args.weights, args.device, args.dtype)
+    sd = sd or load_model(args.weights, args.device, args.dtype, args.prediction)
     write_generation(sd, args.prompt, args.negative, args.dtype, args.out, args.latents_out, seed=args.seed,
                      steps=args.steps, guidance=args.guidance, height=args.height, width=args.width,
                      sampler=args.sampler)
@@ -152,12 +152,12 @@ def record_metadata(r: Experiment) -> dict[str, str]:
 def edit(args, sd=None):
     """`p2p edit`: the flags as a record, then edit_record."""
     edit_record(record_of(args), args.weights, args.out, args.latents_out, args.maps_out, args.maps_res,
-                args.device, args.dtype, sd)
+                args.device, args.dtype, sd, args.prediction)
 
 
 def edit_record(r: Experiment, weights: Path, out: Path, latents_out: Path | None = None,
                 maps_out: Path | None = None, maps_res: int = 16, device: str | None = None,
-                dtype: str = "float32", sd=None):
+                dtype: str = "float32", sd=None, prediction: str | None = None):
     """Run one record and write its outputs; `sd` is an already loaded model (scripts run many)."""
     plan = run.prepare(r, weights, cache_dir=out.parent, store=maps_out is not None)
     new_cache = plan.photo.cache if plan.photo is not None and plan.photo.inversion is None else None
@@ -165,7 +165,7 @@ def edit_record(r: Experiment, weights: Path, out: Path, latents_out: Path | Non
                    "--maps-out": (maps_out, "image"), "the inversion cache": (new_cache, "tensors")},
                   {"--weights": weights, "--image": r.image and Path(r.image),
                    "--inversion": r.inversion and Path(r.inversion), "--blend-mask": r.blend_mask and Path(r.blend_mask)})
-    sd = sd or load_model(weights, device, dtype)
+    sd = sd or load_model(weights, device, dtype, prediction)
     if maps_out is not None:
         run.check_resolution(sd, r.height, r.width, maps_res, "--maps-res")
     result = run.run(sd, plan, dtype)
@@ -212,7 +212,7 @@ def maps(args, sd=None):
         items = record.sites(args.sites)
     except ValueError as e:
         raise InputError(f"--sites: {e}") from None
-    sd = sd or load_model(args.weights, args.device, args.dtype)
+    sd = sd or load_model(args.weights, args.device, args.dtype, args.prediction)
     write_maps(sd, args.prompt, args.res, window, args.components, args.dtype, args.out, items, seed=args.seed,
                steps=args.steps, guidance=args.guidance, height=args.height, width=args.width, sampler=args.sampler)
 
@@ -270,7 +270,8 @@ def sweep(args):
     if args.weights is None:
         raise InputError("--weights is required (only --report works without a model)")
     sweeps.sweep(spec, args.weights, args.out, sweeps.shard_of(args.shard), overrides,
-                 lambda: load_model(args.weights, args.device, args.dtype), args.dtype, args.clip, args.dino)
+                 lambda: load_model(args.weights, args.device, args.dtype, args.prediction), args.dtype, args.clip,
+                 args.dino)
     wrote(args.out / "summary.md")
 
 
@@ -285,7 +286,8 @@ def bench(args):
         wrote(pie.report(items, every, skipped, args.methods, args.out))
         return
     table = pie.bench(args.data, args.weights, args.out, args.methods, args.types, args.limit,
-                      sweeps.shard_of(args.shard), overrides, lambda: load_model(args.weights, args.device, args.dtype),
+                      sweeps.shard_of(args.shard), overrides,
+                      lambda: load_model(args.weights, args.device, args.dtype, args.prediction),
                       args.dtype, args.clip, args.dino, args.lpips)
     print(table.read_text(encoding="utf-8").split("\n\n## ")[0])
     wrote(table)
@@ -297,7 +299,7 @@ def sites(args):
     """Every attention layer of the checkpoint in call order, with what --cross-sites and
     --self-sites select it by (the architecture only: the weights stay on disk)."""
     sampler.check_size(args.height, args.width, 1)
-    sd = load(args.weights, "meta")
+    sd = load(args.weights, "meta", prediction=args.prediction)
     rows = [("#", "name", "place", "level", "map", "attention", "heads", "keys", "select as")]
     for i, s in enumerate(sd.unet.sites(args.height // 8, args.width // 8)):
         keys = 77 if s.is_cross else s.res[0] * s.res[1]
@@ -324,7 +326,7 @@ def invert(args):
     want = photo.settings(args.image, args.prompt, args.method, args.steps, args.guidance, args.inner_steps,
                           args.size, offsets, Path(args.weights).name, fingerprint(args.weights))
     image = photo.load(args.image, want)
-    sd = load_model(args.weights, args.device, args.dtype)
+    sd = load_model(args.weights, args.device, args.dtype, args.prediction)
     inv = photo.invert(sd, image, want)
     photo.report(sd, inv, photo.reconstruct(sd, inv))
     inversion.save(args.out, inv, {"dtype": args.dtype, "device": str(sd.device)})

@@ -1,4 +1,4 @@
-"""`p2p download`: fetch the few safetensors and config files of a diffusers-layout SD v1 repository
+"""`p2p download`: fetch the few safetensors and config files of a diffusers-layout SD v1 or 2.x repository
 (or of one transformers model, as the metrics' CLIP and DINO)."""
 
 import contextlib
@@ -10,7 +10,8 @@ from models import InputError
 
 # The networks we load, and the stem of their weight file in the diffusers layout.
 COMPONENTS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
-# Small side files, taken when the repository has them (models/ also bundles the CLIP tokenizer).
+# Small side files, taken when the repository has them (models/ also bundles the CLIP tokenizer; the
+# scheduler config says what the UNet predicts, the tokenizer's special tokens what SD 2 pads with).
 EXTRAS = [
     "model_index.json",
     "scheduler/scheduler_config.json",

@@ -4,7 +4,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from models import InputError
-from models.checkpoint import load, ldm_unet_key, ldm_vae_key
+from models.checkpoint import load
+from models.ldm import ldm_unet_key, ldm_vae_key
 from models.unet import UNetConfig
 from models.vae import VAEConfig
 
