@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from . import InputError
+from .ddim import PREDICTIONS
 from .ldm import indices, ldm_to_diffusers, split_ldm, sub
 from .text import TOKENIZER_DIR, TextEncoder, embeddings, load_tokenizer, module_names, text_config
 from .unet import UNet, UNetConfig
@@ -31,7 +32,6 @@ PICKLE = ("{path} is a pickle checkpoint: p2p never unpickles files (loading one
 PICKLE_SUFFIXES = {".ckpt", ".bin", ".pt", ".pth", ".pkl"}
 FOLDER = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
 VAE_LEGACY_ATTENTION = [("query", "to_q"), ("key", "to_k"), ("value", "to_v"), ("proj_attn", "to_out.0")]
-PREDICTIONS = ("epsilon", "v_prediction")
 PAD = {False: "<|endoftext|>", True: "!"}   # SD v1 pads with the end token; SD 2 with "!" (id 0), as OpenCLIP
 SD2_PREDICTION = ("{path} is a Stable Diffusion 2.x file, which does not say what its UNet predicts: pass "
                   "--prediction v_prediction (SD 2.0 / 2.1 at 768 px) or --prediction epsilon (the -base models "

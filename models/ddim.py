@@ -34,6 +34,25 @@ def schedule(steps: int) -> list[tuple[int, float, float]]:
             for t in timesteps(steps)]
 
 
+PREDICTIONS = ("epsilon", "v_prediction")   # what a UNet's output is: SD v1 and 2.x-base; SD 2.x at 768
+
+
+def to_eps(output: torch.Tensor, x_t: torch.Tensor, t: int, prediction: str = "epsilon") -> torch.Tensor:
+    """The noise eps from a UNet's output at x_t, the one place the prediction type is read.
+    For v_prediction (Salimans & Ho, 2022), v = sqrt(a) eps - sqrt(1 - a) x0 with a = alpha_t, so
+
+        eps = sqrt(a) v + sqrt(1 - a) x_t,   and then   x0 = sqrt(a) x_t - sqrt(1 - a) v
+
+    is what ddim_step's x0 = (x_t - sqrt(1 - a) eps) / sqrt(a) gives: every sampler and inversion
+    works on eps unchanged. The conversion is linear in the output, so guidance may come first."""
+    if prediction == "epsilon":
+        return output
+    if prediction != "v_prediction":
+        raise ValueError(f"unknown prediction type {prediction!r}")
+    a = alphas_cumprod()[t].item()
+    return a ** 0.5 * output + (1 - a) ** 0.5 * x_t
+
+
 def ddim_step(x_t, eps, alpha_t: float, alpha_prev: float, eta: float = 0.0, noise=None):
     """One DDIM update x_t -> x_{t-1} (eq. 12 of the DDIM paper); returns (x_prev, x0)."""
     x0 = (x_t - (1 - alpha_t) ** 0.5 * eps) / alpha_t ** 0.5

@@ -83,7 +83,8 @@ def encode(sd: StableDiffusion, image: torch.Tensor) -> torch.Tensor:
 # ---- the four inversions -----------------------------------------------------------------
 
 def unet_eps(sd: StableDiffusion, x, t: int, context) -> torch.Tensor:
-    return sd.unet(x.to(sd.dtype), t, context.to(sd.dtype)).float()
+    """eps at x, t (a v-predicting UNet's output converted; linear, so guidance may follow)."""
+    return ddim.to_eps(sd.unet(x.to(sd.dtype), t, context.to(sd.dtype)).float(), x.float(), t, sd.prediction)
 
 
 def guided_eps(sd: StableDiffusion, x, t: int, cond, null, guidance: float) -> torch.Tensor:

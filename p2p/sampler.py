@@ -75,9 +75,9 @@ def generate(sd: StableDiffusion, prompts: list[str], seed: int = 0, steps: int 
             edit.step = i
         null = uncond if null_embeddings is None else null_embeddings[i][None].to(sd.device, cond.dtype)
         context = guidance_batch(null.expand(b, -1, -1), cond)      # [2b, m, width]
-        eps = sd.unet(torch.cat([x, x]).to(sd.dtype), t, context, edit=edit).float()
-        eps_uncond, eps_cond = eps.chunk(2)
-        return eps_uncond + guidance * (eps_cond - eps_uncond)
+        out_uncond, out_cond = sd.unet(torch.cat([x, x]).to(sd.dtype), t, context, edit=edit).float().chunk(2)
+        # guidance on the model's output (eps, or v for SD 2 at 768), as the references do; then eps
+        return ddim.to_eps(out_uncond + guidance * (out_cond - out_uncond), x, t, sd.prediction)
 
     blend = getattr(edit, "after_step", None)
 

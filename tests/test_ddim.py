@@ -66,3 +66,20 @@ def test_sample_calls_denoise_and_hook_in_order():
     assert calls == [(501, 0), (1, 1)]
     a = ddim.alphas_cumprod()
     assert x.item() == pytest.approx((a[0] / a[501]).sqrt().item(), rel=1e-6)   # eps = 0: x scales by sqrt ratio
+
+
+def test_v_prediction_gives_back_the_noise_and_the_clean_latent():
+    """x_t = sqrt(a) x0 + sqrt(1-a) eps and v = sqrt(a) eps - sqrt(1-a) x0: to_eps(v) is eps, and
+    the DDIM step's x0 from it is x0 (at a noisy and a nearly clean timestep)."""
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64)
+    for t in (981, 21):
+        a = ddim.alphas_cumprod()[t].item()
+        x_t = a ** 0.5 * x0 + (1 - a) ** 0.5 * eps
+        v = a ** 0.5 * eps - (1 - a) ** 0.5 * x0
+        got = ddim.to_eps(v, x_t, t, "v_prediction")
+        assert torch.allclose(got, eps, atol=1e-12)
+        assert torch.allclose(ddim.ddim_step(x_t, got, a, a)[1], x0, atol=1e-10)
+        assert ddim.to_eps(v, x_t, t, "epsilon") is v
+    with pytest.raises(ValueError, match="unknown prediction type 'sample'"):
+        ddim.to_eps(v, x_t, 21, "sample")

@@ -50,7 +50,8 @@ def test_offsets_by_hand_on_a_constant_unet():
     """A UNet whose eps is the context's first entry: c for the prompt, u for "". DDIM inversion
     steps with c, sampling with g = u + w (c - u), so o_i = z*_{t-1} - step(z*_t, g)
     = step(z*_t, c) - step(z*_t, g) = k_i (c - g), k = sqrt(1 - a_prev) - sqrt(a_prev (1 - a_t) / a_t)."""
-    fake = SimpleNamespace(dtype=torch.float32, unet=lambda x, t, context: context[:, :1, :1, None].expand_as(x))
+    fake = SimpleNamespace(dtype=torch.float32, prediction="epsilon",
+                           unet=lambda x, t, context: context[:, :1, :1, None].expand_as(x))
     c, u, w, steps = 0.3, -0.2, 7.5, 4
     cond, null = torch.full((1, 77, 8), c), torch.full((1, 77, 8), u)
     z0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
