@@ -250,6 +250,21 @@ def check_prediction(prediction, where: str) -> str:
     return prediction
 
 
+def prediction_of(path, prediction: str | None = None) -> str:
+    """What the UNet at `path` predicts, as `load` decides it, from the headers and the scheduler
+    config alone (milliseconds): what an inversion records before the model loads."""
+    path = Path(path)
+    if prediction is not None:
+        return check_prediction(prediction, "prediction")
+    if path.is_dir():
+        scheduler = path / "scheduler" / "scheduler_config.json"
+        return check_prediction(read_json(scheduler).get("prediction_type", "epsilon"), str(scheduler))
+    weight_files(path)
+    if split_ldm(read_safetensors(path, "meta", torch.float32))["openclip"]:
+        raise InputError(SD2_PREDICTION.format(path=path))
+    return "epsilon"
+
+
 def load_single_file(path: Path, device, dtype, prediction: str | None) -> StableDiffusion:
     """The text encoder tells SD 2 (OpenCLIP, cond_stage_model.model.*) from SD v1 (OpenAI CLIP); the
     file cannot tell what SD 2's UNet predicts, so the caller must."""

@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError
 
 from models import InputError
-from models.checkpoint import check_device, fingerprint, load
+from models.checkpoint import check_device, fingerprint, load, prediction_of
 from models.text import check_prompts, load_tokenizer
 
 from . import edits, inversion, output, photo, record, run, sampler, viz
@@ -74,8 +74,8 @@ def run_metadata(command: str, sd, dtype: str, seed: int, steps: int, guidance: 
                  height: int, width: int) -> dict[str, str]:
     """What every output records of how it was made (sizes are WIDTHxHEIGHT everywhere)."""
     return {"seed": str(seed), "steps": str(steps), "guidance": str(guidance), "size": f"{width}x{height}",
-            "sampler": sampler, "checkpoint": sd.name, "checkpoint_fingerprint": sd.fingerprint, "dtype": dtype,
-            "device": str(sd.device), "software": f"p2p {command}"}
+            "sampler": sampler, "checkpoint": sd.name, "checkpoint_fingerprint": sd.fingerprint,
+            "prediction": sd.prediction, "dtype": dtype, "device": str(sd.device), "software": f"p2p {command}"}
 
 
 def wrote(path: Path):
@@ -159,7 +159,7 @@ def edit_record(r: Experiment, weights: Path, out: Path, latents_out: Path | Non
                 maps_out: Path | None = None, maps_res: int = 16, device: str | None = None,
                 dtype: str = "float32", sd=None, prediction: str | None = None):
     """Run one record and write its outputs; `sd` is an already loaded model (scripts run many)."""
-    plan = run.prepare(r, weights, cache_dir=out.parent, store=maps_out is not None)
+    plan = run.prepare(r, weights, cache_dir=out.parent, store=maps_out is not None, prediction=prediction)
     new_cache = plan.photo.cache if plan.photo is not None and plan.photo.inversion is None else None
     check_outputs({"--out": (out, "image"), "--latents-out": (latents_out, "tensors"),
                    "--maps-out": (maps_out, "image"), "the inversion cache": (new_cache, "tensors")},
@@ -271,7 +271,7 @@ def sweep(args):
         raise InputError("--weights is required (only --report works without a model)")
     sweeps.sweep(spec, args.weights, args.out, sweeps.shard_of(args.shard), overrides,
                  lambda: load_model(args.weights, args.device, args.dtype, args.prediction), args.dtype, args.clip,
-                 args.dino)
+                 args.dino, args.prediction)
     wrote(args.out / "summary.md")
 
 
@@ -282,13 +282,13 @@ def bench(args):
     overrides = base_fields(args.base)
     if args.report:
         items = pie.select(pie.read(args.data), args.types, args.limit)
-        every, skipped = pie.cells(items, args.methods, overrides, args.weights, args.out)
+        every, skipped = pie.cells(items, args.methods, overrides, args.weights, args.out, args.prediction)
         wrote(pie.report(items, every, skipped, args.methods, args.out))
         return
     table = pie.bench(args.data, args.weights, args.out, args.methods, args.types, args.limit,
                       sweeps.shard_of(args.shard), overrides,
                       lambda: load_model(args.weights, args.device, args.dtype, args.prediction),
-                      args.dtype, args.clip, args.dino, args.lpips)
+                      args.dtype, args.clip, args.dino, args.lpips, args.prediction)
     print(table.read_text(encoding="utf-8").split("\n\n## ")[0])
     wrote(table)
 
@@ -324,7 +324,8 @@ def invert(args):
     except ValueError as e:
         raise InputError(f"--offsets: {e}") from None
     want = photo.settings(args.image, args.prompt, args.method, args.steps, args.guidance, args.inner_steps,
-                          args.size, offsets, Path(args.weights).name, fingerprint(args.weights))
+                          args.size, offsets, Path(args.weights).name, fingerprint(args.weights),
+                          prediction_of(args.weights, args.prediction))
     image = photo.load(args.image, want)
     sd = load_model(args.weights, args.device, args.dtype, args.prediction)
     inv = photo.invert(sd, image, want)

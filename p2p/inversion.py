@@ -234,6 +234,7 @@ def read(path: Path) -> Inversion:
         raise InputError(f"{path} was made by an older p2p that did not fingerprint the weights: invert again")
     if missing:
         raise InputError(f"{path} is not a p2p inversion file (it lacks {missing[0]})")
+    settings.setdefault("prediction", "epsilon")          # files made before SD 2 was supported
     steps, size = int(settings["steps"]), int(settings["size"].split("x")[0])
     latent = (4, size // 8, size // 8)
     null, offsets = tensors.get("null_embeddings"), tensors.get("direct_offsets")

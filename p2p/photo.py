@@ -29,13 +29,15 @@ def check_settings(method: str, steps: int, size: int):
 
 
 def settings(image: Path, prompt: str, method: str, steps: int, guidance: float, inner_steps: int, size: int,
-             offsets: tuple[int, int, int, int], weights_name: str, weights_fingerprint: str) -> dict[str, str]:
-    """The inversion's metadata (inversion.SETTINGS): what an inversion of this photo depends on."""
+             offsets: tuple[int, int, int, int], weights_name: str, weights_fingerprint: str,
+             prediction: str = "epsilon") -> dict[str, str]:
+    """The inversion's metadata (inversion.SETTINGS, and the prediction the UNet's output was read
+    as): what an inversion of this photo depends on."""
     return {"prompt": prompt, "method": method, "steps": str(steps), "guidance": str(guidance),
             "inner_steps": str(inner_steps) if method == "null-text" else "",
             "size": f"{size}x{size}", "checkpoint": weights_name, "checkpoint_fingerprint": weights_fingerprint,
             "offsets": ",".join(map(str, offsets)), "image": Path(image).name,
-            "image_sha256": inversion.file_hash(image)}
+            "image_sha256": inversion.file_hash(image), "prediction": prediction}
 
 
 def load(image: Path, want: dict[str, str]) -> torch.Tensor:
@@ -81,7 +83,8 @@ HINTS = {"prompt": "the source must be the prompt the photo was inverted with",
          "size": "edit at the size it was inverted at (height, width)",
          "steps": "edit with the steps it was inverted with",
          "guidance": "null-text embeddings and direct offsets only reconstruct at the guidance they were made for",
-         "checkpoint_fingerprint": "an inversion only holds for the weights that made it"}
+         "checkpoint_fingerprint": "an inversion only holds for the weights that made it",
+         "prediction": "the UNet's output must be read as it was when inverting (--prediction)"}
 
 
 def check_match(path: Path, inv: Inversion, want: dict[str, str]):
@@ -92,7 +95,7 @@ def check_match(path: Path, inv: Inversion, want: dict[str, str]):
         raise InputError(f"{path} was made with other weights ({inv.settings['checkpoint']}, fingerprint "
                          f"{inv.settings['checkpoint_fingerprint']}) than {want['checkpoint']} (fingerprint "
                          f"{want['checkpoint_fingerprint']}): {HINTS['checkpoint_fingerprint']}")
-    for key in ("prompt", "size", "steps", "guidance"):
+    for key in ("prompt", "size", "steps", "guidance", "prediction"):
         if key == "guidance" and inv.settings["method"] not in inversion.GUIDED:
             continue
         if inv.settings[key] != want[key]:
@@ -115,13 +118,13 @@ class Photo:
     path: Path | None = None        # the given inversion's file, for messages
 
 
-def prepare(record, weights_name: str, weights_fingerprint: str, cache_dir: Path) -> Photo:
+def prepare(record, weights_name: str, weights_fingerprint: str, cache_dir: Path, prediction: str = "epsilon") -> Photo:
     """Before the model loads: the record's photo, and its inversion if there is one, checked
     against the weights (`record` is a p2p.record.Experiment with an image)."""
     if record.height != record.width:
         raise InputError(f"photos are edited square: width {record.width} and height {record.height} differ")
     want = settings(Path(record.image), record.source, record.method, record.steps, record.guidance,
-                    record.inner_steps, record.height, record.offsets, weights_name, weights_fingerprint)
+                    record.inner_steps, record.height, record.offsets, weights_name, weights_fingerprint, prediction)
     if record.inversion is not None:
         inv = inversion.read(Path(record.inversion))
         check_match(Path(record.inversion), inv, want)

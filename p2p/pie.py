@@ -195,8 +195,8 @@ def rss() -> int:
         return 0
 
 
-def cells(items: list[Item], methods: list[str], overrides: dict | None, weights: Path,
-          out: Path) -> tuple[list[sweep.Cell], dict]:
+def cells(items: list[Item], methods: list[str], overrides: dict | None, weights: Path, out: Path,
+          prediction: str | None = None) -> tuple[list[sweep.Cell], dict]:
     """Every (item, method) cell, checked without the model, and the items skipped with why (a
     blended word missing from its prompt, where PnPInversion's code blends with an empty map)."""
     out_cells, skipped = [], {}
@@ -204,7 +204,7 @@ def cells(items: list[Item], methods: list[str], overrides: dict | None, weights
         try:
             records = [protocol(item, m, overrides) for m in methods]
             for r in records:
-                run.prepare(r, weights, cache_dir=out / "inversions")
+                run.prepare(r, weights, cache_dir=out / "inversions", prediction=prediction)
         except InputError as e:
             skipped[item.id] = str(e)
             continue
@@ -216,7 +216,7 @@ def cells(items: list[Item], methods: list[str], overrides: dict | None, weights
 def run_cell(sd, cell: sweep.Cell, item: Item, weights: Path, out: Path, dtype: str, nets: Nets) -> dict:
     """Invert and edit one photo with one method, save photo, reconstruction and edit, score them."""
     r = cell.record
-    plan = run.prepare(r, weights, cache_dir=out / "inversions")
+    plan = run.prepare(r, weights, cache_dir=out / "inversions", prediction=sd.prediction)
     start = time.perf_counter()
     with PeakMemory(sd.device) as memory:
         result = run.run(sd, plan, dtype)
@@ -224,7 +224,7 @@ def run_cell(sd, cell: sweep.Cell, item: Item, weights: Path, out: Path, dtype: 
     if plan.photo.cache is not None:
         plan.photo.cache.unlink(missing_ok=True)     # 12 MB a null-text inversion: not kept for 700 photos
     meta = {"experiment": json.dumps(r.to_json(), ensure_ascii=False), "software": "p2p bench pie",
-            "checkpoint": sd.name, "checkpoint_fingerprint": sd.fingerprint, "dtype": dtype}
+            "checkpoint": sd.name, "checkpoint_fingerprint": sd.fingerprint, "prediction": sd.prediction, "dtype": dtype}
     method = r.method
     names = {"photo": f"cells/{item.id}.photo.png", "reconstruction": f"cells/{item.id}.{method}.reconstruction.png",
              "edit": f"cells/{item.id}.{method}.edit.png"}
@@ -246,13 +246,13 @@ def mask_at(item: Item, size: int) -> torch.Tensor:
 
 def bench(data: Path, weights: Path, out: Path, methods: list[str], types: list[int] | None = None,
           limit: int | None = None, shard=(0, 1), overrides: dict | None = None, load_model=None,
-          dtype: str = "float32", clip=None, dino=None, lpips=None) -> Path:
+          dtype: str = "float32", clip=None, dino=None, lpips=None, prediction: str | None = None) -> Path:
     """Run this shard's unfinished cells, then write table.md and sheet.png from every shard's
     results; returns the table's path."""
     items = select(read(data), types, limit)
     sweep.make_folder(out)
-    every, skipped = cells(items, methods, overrides, weights, out)
-    check_model(every, weights)
+    every, skipped = cells(items, methods, overrides, weights, out, prediction)
+    check_model(every, weights, prediction)
     done = sweep.read_results(out)
     k, n = shard
     todo = [c for c in every if c.index % n == k and c.key not in done]
@@ -283,9 +283,9 @@ def select(items: list[Item], types: list[int] | None, limit: int | None) -> lis
     return chosen
 
 
-def check_model(every: list[sweep.Cell], weights: Path):
+def check_model(every: list[sweep.Cell], weights: Path, prediction: str | None = None):
     """The blend's resolution and the layers exist at the size, before the model loads."""
-    architecture = load(weights, "meta")
+    architecture = load(weights, "meta", prediction=prediction)
     for cell in every:
         try:
             run.check_model(architecture, cell.record)

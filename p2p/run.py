@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from models import InputError
-from models.checkpoint import fingerprint
+from models.checkpoint import fingerprint, prediction_of
 from models.text import check_prompts, load_tokenizer
 
 from . import edits, output, photo, sampler
@@ -68,7 +68,8 @@ class Plan:
     photo: photo.Photo | None
 
 
-def prepare(record: Experiment, weights: Path, cache_dir: Path | None = None, store: bool = False) -> Plan:
+def prepare(record: Experiment, weights: Path, cache_dir: Path | None = None, store: bool = False,
+            prediction: str | None = None) -> Plan:
     """Check everything the model is not needed for: sizes, prompts, words, the photo and its
     inversion (against the weights' fingerprint). A new inversion will be kept in `cache_dir`
     (default: the photo's folder). `store` keeps the attention maps for drawing."""
@@ -79,7 +80,8 @@ def prepare(record: Experiment, weights: Path, cache_dir: Path | None = None, st
     shot = None
     if record.image is not None:
         cache = Path(record.image).parent if cache_dir is None else cache_dir
-        shot = photo.prepare(record, Path(weights).name, fingerprint(weights), cache)
+        shot = photo.prepare(record, Path(weights).name, fingerprint(weights), cache,
+                             prediction_of(weights, prediction))
     return Plan(record, edit, shot)
 
 

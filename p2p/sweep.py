@@ -226,7 +226,8 @@ def cell_metrics(out: Path, images: dict, r: Experiment, nets: Nets = Nets()) ->
 def run_cell(sd, cell: Cell, weights: Path, out: Path, dtype: str, nets: Nets = Nets(), region: str = "blend",
              threshold: float = 0.3) -> dict:
     """Sample one cell, save its images (and its edit regions), and measure them."""
-    plan = run.prepare(cell.record, weights, cache_dir=out / "inversions", store=region == "attention")
+    plan = run.prepare(cell.record, weights, cache_dir=out / "inversions", store=region == "attention",
+                       prediction=sd.prediction)
     result = run.run(sd, plan, dtype)
     blend = plan.edit.blend
     if region == "attention":
@@ -238,7 +239,7 @@ def run_cell(sd, cell: Cell, weights: Path, out: Path, dtype: str, nets: Nets = 
     else:
         masks = [None] * len(cell.record.targets)
     meta = {"experiment": json.dumps(cell.record.to_json(), ensure_ascii=False), "software": "p2p sweep",
-            "checkpoint": sd.name, "checkpoint_fingerprint": sd.fingerprint, "dtype": dtype}
+            "checkpoint": sd.name, "checkpoint_fingerprint": sd.fingerprint, "prediction": sd.prediction, "dtype": dtype}
     names = {"source": f"cells/{cell.key}.source.png",
              "targets": [f"cells/{cell.key}.target{i}.png" for i in range(len(cell.record.targets))], "regions": []}
     output.save_image(out / names["source"], result.images[0], meta)
@@ -265,26 +266,27 @@ def make_folder(out: Path):
         raise InputError(f"cannot make the sweep folder {out}: {e.strerror or e}") from None
 
 
-def check_cells(every: list[Cell], weights: Path, out: Path):
+def check_cells(every: list[Cell], weights: Path, out: Path, prediction: str | None = None):
     """Every cell's words, sizes, photo and layers, before the model loads (its architecture is
     read from the checkpoint's headers)."""
-    architecture = load(weights, "meta")
+    architecture = load(weights, "meta", prediction=prediction)
     for cell in every:
         try:
-            run.prepare(cell.record, weights, cache_dir=out / "inversions")
+            run.prepare(cell.record, weights, cache_dir=out / "inversions", prediction=architecture.prediction)
             run.check_model(architecture, cell.record)
         except InputError as e:
             raise InputError(f"spec.cases[{cell.case_index}] ({cell.case}, cell {cell.index}): {e}") from None
 
 
 def sweep(spec: dict, weights: Path, out: Path, shard: tuple[int, int] = (0, 1), overrides: dict | None = None,
-          load_model=None, dtype: str = "float32", clip: Path | None = None, dino: Path | None = None) -> list[Cell]:
+          load_model=None, dtype: str = "float32", clip: Path | None = None, dino: Path | None = None,
+          prediction: str | None = None) -> list[Cell]:
     """Run this shard's unfinished cells (the model comes from `load_model()`, only if there are
     any; CLIP and DINO from their folders, skipped with a note where absent), then write the
     tables and sheets from every shard's results so far."""
     every = cells(spec, overrides)
     make_folder(out)
-    check_cells(every, weights, out)
+    check_cells(every, weights, out, prediction)
     done = read_results(out)
     k, n = shard
     todo = [c for c in every if c.index % n == k and c.key not in done]

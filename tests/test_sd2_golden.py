@@ -85,3 +85,13 @@ def test_a_null_text_inversion_and_a_replace_edit_of_a_photo_on_v_prediction(lay
                  "--mode", "replace", "--steps", "2", "--height", "64", "--width", "64", "--blend-res", "8",
                  "--out", str(tmp_path / "blue.png")]) == 0, capsys.readouterr().err
     assert (tmp_path / "blue.png").is_file()
+    # the same weights read as eps (the folder whose scheduler says epsilon) must not reuse it
+    capsys.readouterr()
+    assert main(["edit", "--weights", str(layouts["folder"]), "--image", str(tmp_path / "red.png"),
+                 "--inversion", str(inv), "--source", "a red square", "--target", "a blue square",
+                 "--mode", "replace", "--steps", "2", "--height", "64", "--width", "64", "--blend-res", "8",
+                 "--out", str(tmp_path / "wrong.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("was made with prediction 'v_prediction', not 'epsilon': the UNet's output must be read as "
+                        "it was when inverting (--prediction)") and "\n" not in err
+    assert not (tmp_path / "wrong.png").exists()
