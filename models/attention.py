@@ -56,7 +56,11 @@ class Attention(nn.Module):
         if site is None or not edit.wants(site):
             out = F.scaled_dot_product_attention(q, k, v)
         elif (out := edit.fused(q, k, v, site)) is None:
-            scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5   # b heads n m
-            probs = edit(scores.softmax(dim=-1), site)
+            # b heads n m, in float32 at least: SD 2.1's q.k overflows float16 (diffusers' upcast_attention).
+            # Fused attention needs no such care: its CPU, flash and memory-efficient kernels accumulate
+            # q.k in float32.
+            up = torch.promote_types(q.dtype, torch.float32)
+            scores = q.to(up) @ k.to(up).transpose(-1, -2) * q.shape[-1] ** -0.5
+            probs = edit(scores.softmax(dim=-1).to(q.dtype), site)
             out = probs @ v
         return self.to_out[0](rearrange(out, "b heads n d -> b n (heads d)"))

@@ -388,9 +388,10 @@ def load(path, device="cpu", dtype=torch.float32, prediction: str | None = None)
         check_prediction(prediction, "prediction")
     path = Path(path)
     weight_files(path)   # a missing path or folder part is named before anything is read
-    if path.is_dir():
-        return load_folder(path, device, dtype, prediction)
-    return load_single_file(path, device, dtype, prediction)
+    loader = load_folder if path.is_dir() else load_single_file
+    if torch.device(device).type != "meta":   # every strict check on the headers first: a missing
+        loader(path, "meta", dtype, prediction)   # tensor is named in 0.2 s, not after reading 2.6 GB
+    return loader(path, device, dtype, prediction)
 
 
 def fingerprint(path) -> str:

@@ -140,7 +140,7 @@ def numbers(low: int, high: int):
 # ---- the parser ------------------------------------------------------------------------
 
 def add_model_args(p: argparse.ArgumentParser):
-    p.add_argument("--weights", type=Path, required=True, help="SD v1 checkpoint: a .safetensors file "
+    p.add_argument("--weights", type=Path, required=True, help="SD v1 or 2.x checkpoint: a .safetensors file "
                    "(LDM layout) or a diffusers-layout folder (get one with `p2p download`)")
     p.add_argument("--device", choices=["cpu", "cuda", "mps"], help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and activations (default "
@@ -176,7 +176,7 @@ def add_inversion_args(p: argparse.ArgumentParser):
 
 
 def parser() -> argparse.ArgumentParser:
-    root = Parser(prog="p2p", description="Prompt-to-Prompt image editing on Stable Diffusion v1.")
+    root = Parser(prog="p2p", description="Prompt-to-Prompt image editing on Stable Diffusion v1 and 2.x.")
     commands = root.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     p = commands.add_parser("generate", help="text to image, one shared noise for all prompts")
@@ -269,7 +269,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("sweep", help="a grid of edits from a JSON spec: results, tables, contact sheets")
     p.add_argument("spec", type=Path, help="the sweep spec: base record, cases, axes (see the README's Ablations)")
-    p.add_argument("--weights", type=Path, help="SD v1 checkpoint (not needed with --report)")
+    p.add_argument("--weights", type=Path, help="SD v1 or 2.x checkpoint (not needed with --report)")
     p.add_argument("--device", choices=["cpu", "cuda", "mps"], help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and activations (default float32)")
     add_prediction_arg(p)
@@ -316,12 +316,12 @@ def parser() -> argparse.ArgumentParser:
                    "weights/lpips-squeeze.safetensors; skipped if absent)")
 
     p = commands.add_parser("sites", help="list every attention layer: call order, name, place, map size")
-    p.add_argument("--weights", type=Path, required=True, help="SD v1 checkpoint (only its headers are read)")
+    p.add_argument("--weights", type=Path, required=True, help="SD v1 or 2.x checkpoint (only its headers are read)")
     add_prediction_arg(p)
     p.add_argument("--height", type=at_least(8), default=512, help="image height (default 512)")
     p.add_argument("--width", type=at_least(8), default=512, help="image width (default 512)")
 
-    p = commands.add_parser("download", help="fetch a diffusers-layout SD v1 repository, or one transformers "
+    p = commands.add_parser("download", help="fetch a diffusers-layout SD repository, or one transformers "
                             "model for the metrics (safetensors only)")
     p.add_argument("--repo", default=DEFAULT_REPO, help=f"repository id (default {DEFAULT_REPO})")
     p.add_argument("--dir", type=Path, default=Path("weights"), help="where to put it (default weights/)")

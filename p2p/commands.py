@@ -82,9 +82,27 @@ def wrote(path: Path):
     print(f"wrote {path}", file=sys.stderr)
 
 
+def native_defaults(args, sd=None):
+    """Flags left at their defaults follow the model's native size (512 px, or 768 for SD 2 at 768):
+    the image side, and with it the paper's 16x16 blend and map resolution and its self-injection
+    limit of 16 x 16 keys, scaled to 24x24 and 576 keys at 768. Given flags and a recipe's fields stay."""
+    try:
+        native = (sd or load(args.weights, "meta", prediction=args.prediction)).native_size
+    except InputError:       # the model's own load says what is wrong, after the other checks
+        return
+    if native == 512:
+        return
+    side = native // 32
+    for name, value in {"height": native, "width": native, "size": native, "blend_res": side, "res": side,
+                        "maps_res": side, "self_max_tokens": side * side}.items():
+        if hasattr(args, name) and not getattr(args, f"_{name}_given", False):
+            setattr(args, name, value)
+
+
 # ---- p2p generate ----------------------------------------------------------------------
 
 def generate(args, sd=None):
+    native_defaults(args, sd)
     sampler.check_size(args.height, args.width, args.steps)
     check_prompts(load_tokenizer(), args.prompt + [args.negative])   # before the slow load
     check_outputs({"--out": (args.out, "image"), "--latents-out": (args.latents_out, "tensors")},
@@ -151,6 +169,7 @@ def record_metadata(r: Experiment) -> dict[str, str]:
 
 def edit(args, sd=None):
     """`p2p edit`: the flags as a record, then edit_record."""
+    native_defaults(args, sd)
     edit_record(record_of(args), args.weights, args.out, args.latents_out, args.maps_out, args.maps_res,
                 args.device, args.dtype, sd, args.prediction)
 
@@ -204,6 +223,7 @@ def steps_range(text: str, steps: int) -> tuple[int, int]:
 
 
 def maps(args, sd=None):
+    native_defaults(args, sd)
     sampler.check_size(args.height, args.width, args.steps)
     check_prompts(load_tokenizer(), [args.prompt])
     window = steps_range(args.steps_range, sampler.calls(args.sampler, args.steps))
@@ -298,8 +318,9 @@ def bench(args):
 def sites(args):
     """Every attention layer of the checkpoint in call order, with what --cross-sites and
     --self-sites select it by (the architecture only: the weights stay on disk)."""
-    sampler.check_size(args.height, args.width, 1)
     sd = load(args.weights, "meta", prediction=args.prediction)
+    native_defaults(args, sd)
+    sampler.check_size(args.height, args.width, 1)
     rows = [("#", "name", "place", "level", "map", "attention", "heads", "keys", "select as")]
     for i, s in enumerate(sd.unet.sites(args.height // 8, args.width // 8)):
         keys = 77 if s.is_cross else s.res[0] * s.res[1]
@@ -315,6 +336,7 @@ def sites(args):
 # ---- p2p invert, p2p download ----------------------------------------------------------
 
 def invert(args):
+    native_defaults(args)
     sampler.check_size(args.size, args.size, args.steps)
     photo.check_settings(args.method, args.steps, args.size)
     check_prompts(load_tokenizer(), [args.prompt])

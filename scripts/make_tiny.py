@@ -4,6 +4,7 @@
     python scripts/make_tiny.py OUT_DIR --full     # SD v1.5-shaped, fp16, single file (~2 GB; do not commit)
     python scripts/make_tiny.py OUT_DIR --sd2      # tiny SD 2: OUT_DIR/tiny-sd2.safetensors + tiny-sd2-diffusers/
     python scripts/make_tiny.py OUT_DIR --sd2 --v  # the same, its scheduler config saying v_prediction
+    python scripts/make_tiny.py OUT_DIR --full --sd2  # SD 2.1-shaped, fp16, single file (~2.6 GB; do not commit)
 
 The tiny model keeps the full SD v1 block structure (four UNet levels with attention on the
 first three, 2 res blocks per level, 8 heads, GroupNorm 32; four VAE levels so latents stay
@@ -16,7 +17,9 @@ The tiny SD 2 has SD 2's structure: Linear projections in the transformers, 64-w
 2, 2 for channels 64, 128, 128, 128), and the text tower of OpenCLIP (exact GELU, 2 heads of 64)
 written as OpenCLIP names it in the single file: 3 resblocks, of which SD 2 reads the first 2
 (as it reads 23 of ViT-H/14's 24), and the unused text_projection and logit_scale; in the folder
-it is the 2-layer CLIPTextModel, the tokenizer pads with "!".
+it is the 2-layer CLIPTextModel, the tokenizer pads with "!". The full-size SD 2.1 has the same
+structure at v2-inference.yaml's sizes: heads 5, 10, 20, 20 and ViT-H/14's text tower (width 1024,
+24 resblocks of 16 heads, MLP 4096).
 """
 import argparse
 import json
@@ -39,6 +42,8 @@ TINY_VAE = VAEConfig(channels=(32, 32, 64, 64))
 TINY_TEXT = dict(width=128, layers=2, mlp=256)
 TINY_SD2_UNET = UNetConfig(channels=(64, 128, 128, 128), context_dim=128, head_dim=64, linear_projection=True)
 TINY_SD2_TEXT = dict(width=128, layers=2, mlp=512, act="gelu")
+SD2_UNET = UNetConfig(context_dim=1024, head_dim=64, linear_projection=True)
+SD2_TEXT = dict(width=1024, layers=23, mlp=4096, act="gelu")   # the 23 of ViT-H/14's 24 resblocks SD 2 reads
 
 
 COMPONENTS = {"unet": "unet/diffusion_pytorch_model.safetensors",    # the folder layout's weight files
@@ -167,7 +172,7 @@ def text_to_openclip(text_sd: dict) -> dict:
     return out
 
 
-def openclip_unused(width: int, mlp: int, layers: int, seed: int) -> dict[str, torch.Tensor]:
+def openclip_unused(width: int, mlp: int, layers: int, seed: int, dtype=torch.float32) -> dict[str, torch.Tensor]:
     """What an OpenCLIP text tower has and SD 2 does not read: the last resblock (index `layers`),
     the projection into CLIP's joint embedding and the logit scale."""
     b = f"transformer.resblocks.{layers}."
@@ -177,7 +182,7 @@ def openclip_unused(width: int, mlp: int, layers: int, seed: int) -> dict[str, t
               f"{b}mlp.c_fc.bias": (mlp,), f"{b}mlp.c_proj.weight": (width, mlp),
               **{f"{b}{n}": (width,) for n in ("ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias",
                                                "attn.out_proj.bias", "mlp.c_proj.bias")}}
-    return random_weights({k: torch.Size(v) for k, v in shapes.items()}, seed)
+    return random_weights({k: torch.Size(v) for k, v in shapes.items()}, seed, dtype)
 
 
 def ldm_schedule_buffers() -> dict[str, torch.Tensor]:
@@ -268,16 +273,17 @@ def write_folder(folder: Path, unet_sd, vae_sd, text_sd, unet_cfg: UNetConfig, v
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path, help="directory to write into")
-    ap.add_argument("--full", action="store_true", help="SD v1.5 shapes, fp16, single file only")
-    ap.add_argument("--sd2", action="store_true", help="tiny SD 2 instead: tiny-sd2.safetensors, tiny-sd2-diffusers/")
+    ap.add_argument("--full", action="store_true", help="full size (SD v1.5's shapes; with --sd2, SD 2.1's), fp16, single file only")
+    ap.add_argument("--sd2", action="store_true", help="SD 2 instead: tiny-sd2.safetensors, tiny-sd2-diffusers/; "
+                    "with --full, SD 2.1 shapes: sd21-random-fp16.safetensors")
     ap.add_argument("--v", action="store_true", help="with --sd2: the folder's scheduler says v_prediction")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    if args.v and not args.sd2:
-        ap.error("--v goes with --sd2")
+    if args.v and (args.full or not args.sd2):
+        ap.error("--v goes with --sd2 alone (a single file does not say what its UNet predicts)")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.sd2:
-        write_sd2(args.out, args.seed, "v_prediction" if args.v else "epsilon")
+        write_sd2(args.out, args.seed, "v_prediction" if args.v else "epsilon", args.full)
         return
     if args.full:
         unet_cfg, vae_cfg = UNetConfig(), VAEConfig()
@@ -292,13 +298,20 @@ def main(argv=None):
           "tests only)")
 
 
-def write_sd2(out: Path, seed: int, prediction: str):
-    """The tiny SD 2 in both layouts, from the same tensors (the VAE is SD v1's, as in SD 2)."""
-    unet_sd, vae_sd, text_sd, tcfg = make(TINY_SD2_UNET, TINY_VAE, TINY_SD2_TEXT, seed)
-    t = TINY_SD2_TEXT
-    extra = openclip_unused(t["width"], t["mlp"], t["layers"], seed + 3)
-    write_single_file(out / "tiny-sd2.safetensors", unet_sd, vae_sd, text_sd, TINY_SD2_UNET, TINY_VAE, extra)
-    write_folder(out / "tiny-sd2-diffusers", unet_sd, vae_sd, text_sd, TINY_SD2_UNET, TINY_VAE, tcfg, pad="!",
+def write_sd2(out: Path, seed: int, prediction: str, full: bool = False):
+    """The tiny SD 2 in both layouts, from the same tensors, or SD 2.1's shapes in fp16 as a single
+    file (the VAE is SD v1's, as in SD 2)."""
+    unet_cfg, vae_cfg, t = (SD2_UNET, VAEConfig(), SD2_TEXT) if full else (TINY_SD2_UNET, TINY_VAE, TINY_SD2_TEXT)
+    dtype = torch.float16 if full else torch.float32
+    unet_sd, vae_sd, text_sd, tcfg = make(unet_cfg, vae_cfg, t, seed, dtype)
+    extra = openclip_unused(t["width"], t["mlp"], t["layers"], seed + 3, dtype)
+    if full:
+        path = out / "sd21-random-fp16.safetensors"
+        write_single_file(path, unet_sd, vae_sd, text_sd, unet_cfg, vae_cfg, extra)
+        print(f"wrote {path} (random SD 2.1-shaped weights: cost only)")
+        return
+    write_single_file(out / "tiny-sd2.safetensors", unet_sd, vae_sd, text_sd, unet_cfg, vae_cfg, extra)
+    write_folder(out / "tiny-sd2-diffusers", unet_sd, vae_sd, text_sd, unet_cfg, vae_cfg, tcfg, pad="!",
                  prediction=prediction, sample_size=96 if prediction == "v_prediction" else 64)
     print(f"wrote {out / 'tiny-sd2.safetensors'} and {out / 'tiny-sd2-diffusers'}/ (random tiny SD 2, "
           f"{prediction}: tests only)")

@@ -83,6 +83,50 @@ def test_select_fp16():
     ])
 
 
+# stabilityai/stable-diffusion-2-1-base as its main branch lists it (written by hand): no safety
+# checker, and the LDM single files at the top beside the folders.
+SD2_LISTING = [
+    ".gitattributes",
+    "README.md",
+    "feature_extractor/preprocessor_config.json",
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "text_encoder/config.json",
+    "text_encoder/model.fp16.safetensors",
+    "text_encoder/model.safetensors",
+    "text_encoder/pytorch_model.bin",
+    "text_encoder/pytorch_model.fp16.bin",
+    "tokenizer/merges.txt",
+    "tokenizer/special_tokens_map.json",
+    "tokenizer/tokenizer_config.json",
+    "tokenizer/vocab.json",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.bin",
+    "unet/diffusion_pytorch_model.fp16.bin",
+    "unet/diffusion_pytorch_model.fp16.safetensors",
+    "unet/diffusion_pytorch_model.safetensors",
+    "v2-1_512-ema-pruned.ckpt",
+    "v2-1_512-ema-pruned.safetensors",
+    "v2-1_512-nonema-pruned.ckpt",
+    "v2-1_512-nonema-pruned.safetensors",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.bin",
+    "vae/diffusion_pytorch_model.fp16.bin",
+    "vae/diffusion_pytorch_model.fp16.safetensors",
+    "vae/diffusion_pytorch_model.safetensors",
+]
+
+
+def test_select_sd2_takes_the_folders_and_the_scheduler_not_the_single_files():
+    # The scheduler config says what the UNet predicts, the tokenizer's special tokens map that SD 2 pads with "!".
+    for fp16, suffix in ((False, ""), (True, ".fp16")):
+        assert select_files(SD2_LISTING, fp16) == sorted(COMMON + [
+            f"text_encoder/model{suffix}.safetensors",
+            f"unet/diffusion_pytorch_model{suffix}.safetensors",
+            f"vae/diffusion_pytorch_model{suffix}.safetensors",
+        ])
+
+
 def test_fp16_falls_back_to_the_plain_file_and_back():
     only_plain = [n for n in LISTING if n != "vae/diffusion_pytorch_model.fp16.safetensors"]
     assert "vae/diffusion_pytorch_model.safetensors" in select_files(only_plain, fp16=True)

@@ -280,3 +280,40 @@ def test_download_selects_the_sd2_folder_with_its_scheduler_and_tokenizer():
         "tokenizer/tokenizer_config.json", "tokenizer/vocab.json", "unet/config.json",
         "unet/diffusion_pytorch_model.safetensors", "vae/config.json", "vae/diffusion_pytorch_model.safetensors"])
     assert "unet/diffusion_pytorch_model.fp16.safetensors" in select_files(SD21_BASE, fp16=True)
+
+
+def test_materialised_attention_scores_do_not_overflow_in_float16():
+    """q.k = 64 * 80 * 80 > 65504: in float16 the scores would be inf and the softmax nan (SD 2.1's
+    upcast_attention); they are computed in float32, as fused attention accumulates them."""
+    from models.attention import Attention, Site
+    layer = Attention(64, Site("x", "down", 0, False, 1)).half().requires_grad_(False)
+    for p in layer.parameters():
+        p.zero_()
+    for proj, scale in ((layer.to_q, 80), (layer.to_k, 80), (layer.to_v, 1), (layer.to_out[0], 1)):
+        proj.weight.copy_(torch.eye(64) * scale)
+
+    class Materialise:
+        def wants(self, site):
+            return True
+
+        def fused(self, q, k, v, site):
+            return None
+
+        def __call__(self, probs, site):
+            return probs
+
+    x = torch.ones(1, 4, 64, dtype=torch.float16)
+    with torch.no_grad():
+        assert torch.equal(layer(x, edit=Materialise()), x) and torch.equal(layer(x), x)
+
+
+def test_flags_left_at_their_defaults_follow_the_models_native_size():
+    from types import SimpleNamespace
+    from p2p import cli, commands
+    args = cli.parse(["edit", "--weights", "w", "--source", "a cat", "--target", "a dog", "--mode", "replace",
+                      "--out", "o.png", "--width", "640", "--self-max-tokens", "100"])
+    commands.native_defaults(args, SimpleNamespace(native_size=768))
+    assert (args.height, args.width, args.blend_res, args.maps_res, args.self_max_tokens) == (768, 640, 24, 24, 100)
+    args = cli.parse(["generate", "--weights", "w", "--prompt", "a cat", "--out", "o.png"])
+    commands.native_defaults(args, SimpleNamespace(native_size=512))
+    assert (args.height, args.width) == (512, 512)
