@@ -83,19 +83,24 @@ def wrote(path: Path):
 
 
 def native_defaults(args, sd=None):
-    """Flags left at their defaults follow the model's native size (512 px, or 768 for SD 2 at 768):
-    the image side, and with it the paper's 16x16 blend and map resolution and its self-injection
-    limit of 16 x 16 keys, scaled to 24x24 and 576 keys at 768. Given flags and a recipe's fields stay."""
+    """For a model not made for 512 px (SD 2 at 768), flags left at their defaults follow it: the
+    image side is its native size, and the paper's 16x16 blend and map resolution and its limit of
+    16 x 16 self-attention keys (the maps at 1/32 of the image side, at 512 px) scale with the
+    image: 24x24 and 576 keys at 768. Given flags and a recipe's fields stay; SD v1 keeps 16 and 256."""
     try:
         native = (sd or load(args.weights, "meta", prediction=args.prediction)).native_size
     except InputError:       # the model's own load says what is wrong, after the other checks
         return
     if native == 512:
         return
-    side = native // 32
-    for name, value in {"height": native, "width": native, "size": native, "blend_res": side, "res": side,
-                        "maps_res": side, "self_max_tokens": side * side}.items():
-        if hasattr(args, name) and not getattr(args, f"_{name}_given", False):
+    default = lambda name: hasattr(args, name) and not getattr(args, f"_{name}_given", False)
+    for name in ("height", "width", "size"):
+        if default(name):
+            setattr(args, name, native)
+    h, w = (args.size, args.size) if hasattr(args, "size") else (args.height, args.width)
+    for name, value in {"blend_res": min(h, w) // 32, "res": min(h, w) // 32, "maps_res": min(h, w) // 32,
+                        "self_max_tokens": (h // 32) * (w // 32)}.items():
+        if default(name):
             setattr(args, name, value)
 
 
@@ -184,9 +189,11 @@ def edit_record(r: Experiment, weights: Path, out: Path, latents_out: Path | Non
                    "--maps-out": (maps_out, "image"), "the inversion cache": (new_cache, "tensors")},
                   {"--weights": weights, "--image": r.image and Path(r.image),
                    "--inversion": r.inversion and Path(r.inversion), "--blend-mask": r.blend_mask and Path(r.blend_mask)})
-    sd = sd or load_model(weights, device, dtype, prediction)
+    architecture = sd or load(weights, "meta", prediction=prediction)   # its layers, before the slow load
+    run.check_model(architecture, r)
     if maps_out is not None:
-        run.check_resolution(sd, r.height, r.width, maps_res, "--maps-res")
+        run.check_resolution(architecture, r.height, r.width, maps_res, "--maps-res")
+    sd = sd or load_model(weights, device, dtype, prediction)
     result = run.run(sd, plan, dtype)
     metadata = {**record_metadata(r), **run_metadata("edit", sd, dtype, r.seed, r.steps, r.guidance, r.sampler,
                                                      r.height, r.width)}

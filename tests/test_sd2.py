@@ -313,7 +313,15 @@ def test_flags_left_at_their_defaults_follow_the_models_native_size():
     args = cli.parse(["edit", "--weights", "w", "--source", "a cat", "--target", "a dog", "--mode", "replace",
                       "--out", "o.png", "--width", "640", "--self-max-tokens", "100"])
     commands.native_defaults(args, SimpleNamespace(native_size=768))
-    assert (args.height, args.width, args.blend_res, args.maps_res, args.self_max_tokens) == (768, 640, 24, 24, 100)
+    assert (args.height, args.width, args.blend_res, args.maps_res, args.self_max_tokens) == (768, 640, 20, 20, 100)
+    args = cli.parse(["edit", "--weights", "w", "--source", "a cat", "--target", "a dog", "--mode", "replace",
+                      "--out", "o.png"])
+    commands.native_defaults(args, SimpleNamespace(native_size=768))
+    assert (args.height, args.width, args.blend_res, args.self_max_tokens) == (768, 768, 24, 576)
+    args = cli.parse(["edit", "--weights", "w", "--source", "a cat", "--target", "a dog", "--mode", "replace",
+                      "--out", "o.png", "--height", "256", "--width", "256"])
+    commands.native_defaults(args, SimpleNamespace(native_size=768))
+    assert (args.blend_res, args.self_max_tokens) == (8, 64)
     args = cli.parse(["generate", "--weights", "w", "--prompt", "a cat", "--out", "o.png"])
     commands.native_defaults(args, SimpleNamespace(native_size=512))
     assert (args.height, args.width) == (512, 512)
