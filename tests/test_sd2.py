@@ -286,25 +286,15 @@ def test_materialised_attention_scores_do_not_overflow_in_float16():
     """q.k = 64 * 80 * 80 > 65504: in float16 the scores would be inf and the softmax nan (SD 2.1's
     upcast_attention); they are computed in float32, as fused attention accumulates them."""
     from models.attention import Attention, Site
+    from test_fused import Explicit
     layer = Attention(64, Site("x", "down", 0, False, 1)).half().requires_grad_(False)
     for p in layer.parameters():
         p.zero_()
     for proj, scale in ((layer.to_q, 80), (layer.to_k, 80), (layer.to_v, 1), (layer.to_out[0], 1)):
         proj.weight.copy_(torch.eye(64) * scale)
-
-    class Materialise:
-        def wants(self, site):
-            return True
-
-        def fused(self, q, k, v, site):
-            return None
-
-        def __call__(self, probs, site):
-            return probs
-
     x = torch.ones(1, 4, 64, dtype=torch.float16)
-    with torch.no_grad():
-        assert torch.equal(layer(x, edit=Materialise()), x) and torch.equal(layer(x), x)
+    with torch.no_grad():   # Explicit: every layer's probabilities materialised, unedited
+        assert torch.equal(layer(x, edit=Explicit()), x) and torch.equal(layer(x), x)
 
 
 def test_flags_left_at_their_defaults_follow_the_models_native_size():
