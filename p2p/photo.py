@@ -146,7 +146,8 @@ def prepare(record, weights_name: str, weights_fingerprint: str, cache_dir: Path
 
 
 def inversion_of(sd, photo: Photo, dtype: str) -> Inversion:
-    """The given or cached inversion (checked against the model), or a new one, saved in the cache."""
+    """The given or cached inversion (checked against the model), or a new one, saved in the cache
+    (not kept where the photo's cache is None)."""
     inv = photo.inversion
     if inv is not None:
         if inv.null_embeddings is not None and inv.null_embeddings.shape[-1] != sd.unet.cfg.context_dim:
@@ -154,6 +155,8 @@ def inversion_of(sd, photo: Photo, dtype: str) -> Inversion:
                              f"this model's text is {sd.unet.cfg.context_dim}")
         return inv
     inv = invert(sd, photo.image, photo.settings)
+    if photo.cache is None:
+        return inv
     inversion.save(photo.cache, inv, {"dtype": dtype, "device": str(sd.device)})
     print(f"wrote {photo.cache} (the next edit of this photo with these settings reuses it)", file=sys.stderr)
     return inv

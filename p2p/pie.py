@@ -148,7 +148,7 @@ def score(photo, edited, mask: torch.Tensor, target: str, nets: Nets) -> dict[st
         if nets.lpips is not None:
             out["lpips"] = nets.lpips.distance(a * keep, b * keep)
     else:
-        out |= {k: math.nan for k in BACKGROUND}
+        out |= {k: math.nan for k in BACKGROUND if k != "lpips" or nets.lpips is not None}
     if nets.clip is not None:
         out["clip_whole"] = nets.clip.score(b, target)
         out["clip_edited"] = nets.clip.score(b * mask, target) if mask.any() else math.nan
@@ -217,12 +217,11 @@ def run_cell(sd, cell: sweep.Cell, item: Item, weights: Path, out: Path, dtype: 
     """Invert and edit one photo with one method, save photo, reconstruction and edit, score them."""
     r = cell.record
     plan = run.prepare(r, weights, cache_dir=out / "inversions", prediction=sd.prediction)
+    plan.photo.cache = None       # not kept: a null-text inversion is 12 MB, and there are 700 photos
     start = time.perf_counter()
     with PeakMemory(sd.device) as memory:
         result = run.run(sd, plan, dtype)
     seconds = time.perf_counter() - start
-    if plan.photo.cache is not None:
-        plan.photo.cache.unlink(missing_ok=True)     # 12 MB a null-text inversion: not kept for 700 photos
     meta = {"experiment": json.dumps(r.to_json(), ensure_ascii=False), "software": "p2p bench pie",
             "checkpoint": sd.name, "checkpoint_fingerprint": sd.fingerprint, "prediction": sd.prediction, "dtype": dtype}
     method = r.method

@@ -109,7 +109,7 @@ def test_background_scores_mask_both_images_over_the_whole_image():
     assert outside["psnr"] == pytest.approx(10 * math.log10(256 / 0.25))
     assert metrics.mse(a, b, mask) == pytest.approx(0.25 / 240)  # the sweep's region metric counts 240 pixels
     everything = pie.score(a, b, torch.ones(16, 16, dtype=torch.bool), "x", pie.Nets())
-    assert all(math.isnan(everything[k]) for k in ("psnr", "mse", "ssim", "lpips"))
+    assert all(math.isnan(everything[k]) for k in ("psnr", "mse", "ssim")) and "lpips" not in everything
 
 
 def test_pie_dino_sees_0_to_255_through_the_imagenet_normalisation(nets):
@@ -199,3 +199,13 @@ def test_a_blended_word_missing_from_its_prompt_skips_the_photo_with_why(tiny_fi
     table = (out / "table.md").read_text()
     assert "1 photos skipped before sampling: 100000000001: " in table and "'cats' is not in the prompt" in table
     assert "1 of 1 cells done" in table
+
+
+def test_no_inversion_is_left_behind_and_absent_lpips_has_no_column(tiny_file, tmp_path, capsys):
+    data, out = write_set(tmp_path / "pie"), tmp_path / "out"
+    assert main(["bench", "pie", "--data", str(data), "--weights", str(tiny_file), "--out", str(out), *FAST,
+                 "--methods", "null-text", "--types", "1,9", "--clip", "none", "--dino", "none", "--lpips", "none"]) == 0
+    assert "wrote" not in capsys.readouterr().err.replace(f"wrote {out / 'table.md'}", "")
+    assert not any((out / "inversions").iterdir())
+    table = (out / "table.md").read_text()
+    assert "LPIPS ×10³" not in table and "| Null-text + P2P | - | - | - |" in table   # type 9: all masked
