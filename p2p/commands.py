@@ -15,7 +15,8 @@ import torch
 from safetensors import SafetensorError
 
 from models import InputError
-from models.checkpoint import check_device, fingerprint, load, prediction_of
+from models.checkpoint import load, prediction_of
+from models.files import check_device, fingerprint
 from models.text import check_prompts, load_tokenizer
 
 from . import edits, inversion, output, photo, record, run, sampler, viz

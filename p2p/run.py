@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from models import InputError
-from models.checkpoint import fingerprint, prediction_of
+from models.checkpoint import prediction_of
+from models.files import fingerprint
 from models.text import check_prompts, load_tokenizer
 
 from . import edits, output, photo, sampler

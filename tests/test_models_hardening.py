@@ -15,9 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from models import InputError, checkpoint
+from models import InputError, files
 from models.attention import Site
-from models.checkpoint import load, read_safetensors
+from models.checkpoint import load
+from models.files import read_safetensors
 from models.text import check_prompts, load_tokenizer
 from models.unet import UNet
 from p2p.sampler import generate
@@ -236,7 +237,7 @@ def test_cuda_without_cuda_is_a_device_error(tiny_file):
     with pytest.raises(InputError, match="^device cuda: no CUDA device is available to this torch$"):
         load(tiny_file, "cuda")
     with pytest.raises(InputError, match="^device cuda:1: no CUDA device"):
-        checkpoint.check_device("cuda:1")
+        files.check_device("cuda:1")
     # below load: a failed device move is torch's error, not "not a readable .safetensors file"
     with pytest.raises(Exception) as caught:
         read_safetensors(tiny_file, "cuda", torch.float32)
@@ -250,10 +251,10 @@ def test_mps_without_mps_is_a_device_error(tiny_file):
 
 
 def test_devices_that_exist_pass_and_nonsense_is_named():
-    checkpoint.check_device("cpu")
-    checkpoint.check_device(torch.device("cpu"))
+    files.check_device("cpu")
+    files.check_device(torch.device("cpu"))
     with pytest.raises(InputError, match="^device gpu0: not a torch device"):
-        checkpoint.check_device("gpu0")
+        files.check_device("gpu0")
 
 
 # ---- a long prompt is our error alone --------------------------------------------------------
@@ -279,10 +280,10 @@ def test_long_prompt_error_comes_without_the_transformers_warning(capfd, caplog)
 # ---- the fingerprint of the weights --------------------------------------------------------
 
 def test_fingerprint_is_stable_and_filled_by_load(tiny, tiny_file, tiny_folder):
-    file_print, folder_print = checkpoint.fingerprint(tiny_file), checkpoint.fingerprint(tiny_folder)
+    file_print, folder_print = files.fingerprint(tiny_file), files.fingerprint(tiny_folder)
     assert len(file_print) == 16 and int(file_print, 16) >= 0
-    assert checkpoint.fingerprint(tiny_file) == file_print
-    assert checkpoint.fingerprint(str(tiny_folder)) == folder_print
+    assert files.fingerprint(tiny_file) == file_print
+    assert files.fingerprint(str(tiny_folder)) == folder_print
     assert file_print != folder_print
     assert tiny.fingerprint == file_print and load(tiny_folder).fingerprint == folder_print
 
@@ -290,14 +291,14 @@ def test_fingerprint_is_stable_and_filled_by_load(tiny, tiny_file, tiny_folder):
 def test_fingerprint_tells_apart_other_weights_with_identical_headers(tiny_file, tiny_folder, tmp_path):
     make_tiny.main([str(tmp_path / "seed1"), "--seed", "1"])
     other_file, other_folder = tmp_path / "seed1" / "tiny.safetensors", tmp_path / "seed1" / "tiny-diffusers"
-    assert checkpoint.safetensors_header(other_file) == checkpoint.safetensors_header(tiny_file)
-    assert checkpoint.fingerprint(other_file) != checkpoint.fingerprint(tiny_file)
-    assert checkpoint.fingerprint(other_folder) != checkpoint.fingerprint(tiny_folder)
+    assert files.safetensors_header(other_file) == files.safetensors_header(tiny_file)
+    assert files.fingerprint(other_file) != files.fingerprint(tiny_file)
+    assert files.fingerprint(other_folder) != files.fingerprint(tiny_folder)
     # a folder of the same name and layout: only the weights differ
     copy = copy_folder(tiny_folder, tmp_path / "copy")
-    assert checkpoint.fingerprint(copy) == checkpoint.fingerprint(tiny_folder)
+    assert files.fingerprint(copy) == files.fingerprint(tiny_folder)
     shutil.copy(other_folder / "vae" / "diffusion_pytorch_model.safetensors", copy / "vae")
-    assert checkpoint.fingerprint(copy) != checkpoint.fingerprint(tiny_folder)
+    assert files.fingerprint(copy) != files.fingerprint(tiny_folder)
 
 
 def test_fingerprint_reads_a_bounded_number_of_bytes(tmp_path, monkeypatch):
@@ -322,17 +323,17 @@ def test_fingerprint_reads_a_bounded_number_of_bytes(tmp_path, monkeypatch):
         def seek(self, offset):
             return self.f.seek(offset)
 
-    monkeypatch.setattr(checkpoint, "open", lambda path, mode: Counting(open(path, mode)), raising=False)
-    checkpoint.fingerprint(big)
+    monkeypatch.setattr(files, "open", lambda path, mode: Counting(open(path, mode)), raising=False)
+    files.fingerprint(big)
     assert sum(read) == 8 + len(header) + 16 * 4096   # the header, then 16 samples of 4 KiB
 
 
 def test_fingerprint_refuses_what_load_refuses(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
-        checkpoint.fingerprint(tmp_path / "nope.safetensors")
+        files.fingerprint(tmp_path / "nope.safetensors")
     torch.save({"w": torch.zeros(1)}, tmp_path / "zip.safetensors")
     with pytest.raises(InputError, match="never unpickles"):
-        checkpoint.fingerprint(tmp_path / "zip.safetensors")
+        files.fingerprint(tmp_path / "zip.safetensors")
     (tmp_path / "folder" / "unet").mkdir(parents=True)
     with pytest.raises(InputError, match="vae/, text_encoder/ missing"):
-        checkpoint.fingerprint(tmp_path / "folder")
+        files.fingerprint(tmp_path / "folder")

@@ -220,6 +220,9 @@ def test_folder_config_and_tensors_must_agree(sd2_dir, tmp_path):
     config.write_text(json.dumps(good | {"addition_embed_type": "text_time"}))
     with pytest.raises(InputError, match="an SDXL UNet"):
         load(folder, "meta")
+    config.write_text(json.dumps(good | {"class_embed_type": "projection"}))   # stabilityai/stable-diffusion-2-1-unclip
+    with pytest.raises(InputError, match=r"an unCLIP \(image variation\) UNet \(unet/config.json has class_embed_type\)"):
+        load(folder, "meta")
 
 
 # ---- the command line -----------------------------------------------------------------
