@@ -16,7 +16,6 @@ import math
 import os
 import statistics
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +25,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from models import InputError
-from models.checkpoint import load
+from models.checkpoint import load, prediction_of
 
 from . import metrics, output, record, run, sweep, viz
+from .memory import PeakMemory
 from .record import Experiment
 
 SIZE = 512                                     # PIE-Bench's photos and masks are 512 x 512
@@ -45,7 +45,7 @@ PROTOCOL = {"mode": "refine", "cross_steps": 0.4, "self_steps": 0.6, "self_max_t
             "blend_threshold": 0.3, "steps": 50, "guidance": 7.5, "inner_steps": 10,
             "height": SIZE, "width": SIZE, "sampler": "ddim"}
 
-# the table's columns: (result key, heading, scale, better), in the PnPInversion paper's order
+# the table's columns, in the PnPInversion paper's order: (result key, heading with the better direction, scale)
 COLUMNS = (("structure", "Structure distance ×10³ ↓", 1e3), ("psnr", "PSNR ↑", 1), ("lpips", "LPIPS ×10³ ↓", 1e3),
            ("mse", "MSE ×10⁴ ↓", 1e4), ("ssim", "SSIM ×10² ↑", 1e2), ("clip_whole", "CLIP whole ↑", 1),
            ("clip_edited", "CLIP edited ↑", 1))
@@ -157,49 +157,12 @@ def score(photo, edited, mask: torch.Tensor, target: str, nets: Nets) -> dict[st
 
 # ---- running ----------------------------------------------------------------------------------
 
-class PeakMemory:
-    """Peak memory above the start, MiB: CUDA's allocator statistics, or the process's resident
-    set sampled every 20 ms on a CPU."""
-
-    def __init__(self, device):
-        self.cuda = torch.device(device).type == "cuda"
-
-    def __enter__(self):
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-        else:
-            self.base, self.peak, self.done = rss(), 0, threading.Event()
-            self.thread = threading.Thread(target=self.watch, daemon=True)
-            self.thread.start()
-        return self
-
-    def watch(self):
-        while not self.done.wait(0.02):
-            self.peak = max(self.peak, rss() - self.base)
-
-    def __exit__(self, *exc):
-        if self.cuda:
-            self.mib = (torch.cuda.max_memory_allocated() - self.base) / 2 ** 20
-        else:
-            self.done.set()
-            self.thread.join()
-            self.mib = max(self.peak, rss() - self.base) / 2 ** 20
-
-
-def rss() -> int:
-    """Resident bytes of this process (Linux; 0 elsewhere)."""
-    try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
 def cells(items: list[Item], methods: list[str], overrides: dict | None, weights: Path, out: Path,
           prediction: str | None = None) -> tuple[list[sweep.Cell], dict]:
     """Every (item, method) cell, checked without the model, and the items skipped with why (a
     blended word missing from its prompt, where PnPInversion's code blends with an empty map)."""
     out_cells, skipped = [], {}
+    prediction = prediction_of(weights, prediction)     # once: a single file's header is read for it
     for i, item in enumerate(items):
         try:
             records = [protocol(item, m, overrides) for m in methods]
@@ -222,8 +185,7 @@ def run_cell(sd, cell: sweep.Cell, item: Item, weights: Path, out: Path, dtype: 
     with PeakMemory(sd.device) as memory:
         result = run.run(sd, plan, dtype)
     seconds = time.perf_counter() - start
-    meta = {"experiment": json.dumps(r.to_json(), ensure_ascii=False), "software": "p2p bench pie",
-            "checkpoint": sd.name, "checkpoint_fingerprint": sd.fingerprint, "prediction": sd.prediction, "dtype": dtype}
+    meta = sweep.cell_metadata(r, sd, dtype, "p2p bench pie")
     method = r.method
     names = {"photo": f"cells/{item.id}.photo.png", "reconstruction": f"cells/{item.id}.{method}.reconstruction.png",
              "edit": f"cells/{item.id}.{method}.edit.png"}
@@ -303,18 +265,19 @@ def figure(values: list[float], scale: float) -> str:
     return f"{statistics.fmean(values) * scale:.2f}"
 
 
-def table(rows: list[dict], methods: list[str], label) -> list[str]:
+def table(rows: list[dict], methods: list[str]) -> list[str]:
     """Markdown: one line per method, the mean of each metric over the rows (nan excluded)."""
     names = [c for c in COLUMNS if any(c[0] in r["metrics"] for r in rows)]
-    lines = ["| " + " | ".join([label, *(c[1] for c in names), "s / photo", "peak MiB", "photos"]) + " |",
+    lines = ["| " + " | ".join(["method", *(c[1] for c in names), "s / photo", "peak MiB", "photos"]) + " |",
              "| " + " | ".join(["---"] * (4 + len(names))) + " |"]
     for m in methods:
         mine = [r for r in rows if r["method"] == m]
         if not mine:
             continue
         cols = [figure([r["metrics"].get(key, math.nan) for r in mine], scale) for key, _, scale in names]
-        lines.append("| " + " | ".join([f"{METHODS[m]} + P2P", *cols, f"{statistics.fmean(r['seconds'] for r in mine):.1f}",
-                                        f"{max(r['peak_mib'] for r in mine):.0f}", str(len(mine))]) + " |")
+        seconds, peak = statistics.fmean(r["seconds"] for r in mine), max(r["peak_mib"] for r in mine)
+        lines.append("| " + " | ".join([f"{METHODS[m]} + P2P", *cols, f"{seconds:.1f}", f"{peak:.0f}", str(len(mine))])
+                     + " |")
     return lines
 
 
@@ -327,7 +290,7 @@ def report(items: list[Item], every: list[sweep.Cell], skipped: dict, methods: l
              f"{', '.join(methods)}). Means over photos; structure distance on the whole image, PSNR, LPIPS, "
              "MSE and SSIM on the unedited part (both images times 1 - mask), CLIP similarity of the whole "
              "edit and of its edited part with the target prompt. s / photo: inversion and edit; peak MiB: "
-             "above the loaded model.\n", *table(rows, methods, "method")]
+             "above the loaded model.\n", *table(rows, methods)]
     if any(undefined.values()):
         lines.append("\nExcluded from the background columns (the mask covers the whole image): "
                      + ", ".join(f"{METHODS[m]} {n}" for m, n in undefined.items() if n) + ".")
@@ -337,7 +300,7 @@ def report(items: list[Item], every: list[sweep.Cell], skipped: dict, methods: l
     for t, name in enumerate(TYPES):
         mine = [r for r in rows if r["type"] == t]
         if mine:
-            lines += [f"\n## {t}. {name} ({len({r['id'] for r in mine})} photos)\n", *table(mine, methods, "method")]
+            lines += [f"\n## {t}. {name} ({len({r['id'] for r in mine})} photos)\n", *table(mine, methods)]
     (out / "table.md.tmp").write_text("\n".join(lines) + "\n", encoding="utf-8")
     os.replace(out / "table.md.tmp", out / "table.md")
     if rows:
@@ -357,11 +320,11 @@ def sheet(rows: list[dict], methods: list[str], out: Path, per_type: int = 2, ti
         by_id.setdefault(r["id"], {})[r["method"]] = r
     lines, shown = [], {}
     for id_, mine in sorted(by_id.items()):
-        t = next(iter(mine.values()))["type"]
+        first = next(iter(mine.values()))
+        t = first["type"]
         if shown.setdefault(t, 0) == per_type:
             continue
         shown[t] += 1
-        first = next(iter(mine.values()))
         tiles, labels = [image(first["images"]["photo"])], [f"{t}. {TYPES[t]} ({id_})"]
         for m in methods:
             if m in mine:

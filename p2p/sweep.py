@@ -223,6 +223,12 @@ def cell_metrics(out: Path, images: dict, r: Experiment, nets: Nets = Nets()) ->
     return rows
 
 
+def cell_metadata(r: Experiment, sd, dtype: str, software: str) -> dict[str, str]:
+    """What a cell's images carry: the whole record (a `p2p edit --recipe` of them re-runs it) and the model."""
+    return {"experiment": json.dumps(r.to_json(), ensure_ascii=False), "software": software, "checkpoint": sd.name,
+            "checkpoint_fingerprint": sd.fingerprint, "prediction": sd.prediction, "dtype": dtype}
+
+
 def run_cell(sd, cell: Cell, weights: Path, out: Path, dtype: str, nets: Nets = Nets(), region: str = "blend",
              threshold: float = 0.3) -> dict:
     """Sample one cell, save its images (and its edit regions), and measure them."""
@@ -238,8 +244,7 @@ def run_cell(sd, cell: Cell, weights: Path, out: Path, dtype: str, nets: Nets = 
                  for i in range(len(cell.record.targets))]
     else:
         masks = [None] * len(cell.record.targets)
-    meta = {"experiment": json.dumps(cell.record.to_json(), ensure_ascii=False), "software": "p2p sweep",
-            "checkpoint": sd.name, "checkpoint_fingerprint": sd.fingerprint, "prediction": sd.prediction, "dtype": dtype}
+    meta = cell_metadata(cell.record, sd, dtype, "p2p sweep")
     names = {"source": f"cells/{cell.key}.source.png",
              "targets": [f"cells/{cell.key}.target{i}.png" for i in range(len(cell.record.targets))], "regions": []}
     output.save_image(out / names["source"], result.images[0], meta)

@@ -19,9 +19,7 @@ weights do not change the cost, so a random full-size checkpoint from
 `scripts/make_tiny.py OUT --full` measures what a real SD v1.5 would.
 """
 import argparse
-import os
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -30,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.checkpoint import load  # noqa: E402
 from p2p import edits, sampler  # noqa: E402
+from p2p.memory import PeakMemory  # noqa: E402
 
 PROMPTS = ["a cat riding a bicycle", "a dog riding a bicycle"]
 
@@ -55,44 +54,13 @@ class Naive(edits.PromptToPrompt):
         return super().__call__(probs, site) if super().wants(site) else probs
 
 
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
-
-
-class PeakRSS(threading.Thread):
-    """Polls the resident set while a run goes on: the CPU has no per-run peak counter."""
-
-    def __init__(self):
-        super().__init__(daemon=True)
-        self.base, self.peak, self.done = rss_mb(), 0.0, threading.Event()
-
-    def run(self):
-        while not self.done.wait(0.005):
-            self.peak = max(self.peak, rss_mb() - self.base)
-
-
 def run(sd, args, make_edit):
     """Seconds per step and extra peak memory of one sampling run."""
-    cuda = sd.device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        poll = PeakRSS()
-        poll.start()
     start = time.perf_counter()
-    sampler.generate(sd, PROMPTS, steps=args.steps, height=args.size, width=args.size,
-                     edit=make_edit(args.steps), progress=False)
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / args.steps
-    if cuda:
-        return seconds, (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-    poll.done.set()
-    poll.join()
-    return seconds, poll.peak
+    with PeakMemory(sd.device) as memory:
+        sampler.generate(sd, PROMPTS, steps=args.steps, height=args.size, width=args.size,
+                         edit=make_edit(args.steps), progress=False)
+    return (time.perf_counter() - start) / args.steps, memory.mib
 
 
 def main():

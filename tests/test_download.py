@@ -67,20 +67,19 @@ COMMON = [
 ]
 
 
+def selection(suffix: str = "") -> list[str]:
+    """The side files and the three components' weights, full precision ("") or ".fp16"."""
+    return sorted(COMMON + [f"text_encoder/model{suffix}.safetensors",
+                            f"unet/diffusion_pytorch_model{suffix}.safetensors",
+                            f"vae/diffusion_pytorch_model{suffix}.safetensors"])
+
+
 def test_select_full_precision():
-    assert select_files(LISTING) == sorted(COMMON + [
-        "text_encoder/model.safetensors",
-        "unet/diffusion_pytorch_model.safetensors",
-        "vae/diffusion_pytorch_model.safetensors",
-    ])
+    assert select_files(LISTING) == selection()
 
 
 def test_select_fp16():
-    assert select_files(LISTING, fp16=True) == sorted(COMMON + [
-        "text_encoder/model.fp16.safetensors",
-        "unet/diffusion_pytorch_model.fp16.safetensors",
-        "vae/diffusion_pytorch_model.fp16.safetensors",
-    ])
+    assert select_files(LISTING, fp16=True) == selection(".fp16")
 
 
 # stabilityai/stable-diffusion-2-1-base as its main branch lists it (written by hand): no safety
@@ -120,11 +119,7 @@ SD2_LISTING = [
 def test_select_sd2_takes_the_folders_and_the_scheduler_not_the_single_files():
     # The scheduler config says what the UNet predicts, the tokenizer's special tokens map that SD 2 pads with "!".
     for fp16, suffix in ((False, ""), (True, ".fp16")):
-        assert select_files(SD2_LISTING, fp16) == sorted(COMMON + [
-            f"text_encoder/model{suffix}.safetensors",
-            f"unet/diffusion_pytorch_model{suffix}.safetensors",
-            f"vae/diffusion_pytorch_model{suffix}.safetensors",
-        ])
+        assert select_files(SD2_LISTING, fp16) == selection(suffix)
 
 
 def test_fp16_falls_back_to_the_plain_file_and_back():
