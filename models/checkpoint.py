@@ -9,16 +9,17 @@ SD v1 and SD 2 differ in the text encoder (OpenAI CLIP ViT-L/14, 768 wide; OpenC
 1024 wide, exact GELU, padded with "!"), the heads (8 per level; 64 wide, so channels / 64), the
 transformers' projections (1x1 convs; Linear) and, for SD 2 at 768 px, the prediction (v).
 """
-import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel
+from transformers.activations import ACT2FN
 
 from . import InputError
 from .ddim import PREDICTIONS
-from .files import FOLDER, check_device, fingerprint, read_safetensors, weight_files
+from .files import FOLDER, check_device, fingerprint, present, read_json, read_safetensors, shown, weight_files
 from .ldm import indices, ldm_to_diffusers, split_ldm, sub
 from .text import TOKENIZER_DIR, TextEncoder, embeddings, load_tokenizer, module_names, text_config
 from .unet import UNet, UNetConfig
@@ -26,6 +27,9 @@ from .vae import VAE, VAEConfig
 
 VAE_LEGACY_ATTENTION = [("query", "to_q"), ("key", "to_k"), ("value", "to_v"), ("proj_attn", "to_out.0")]
 PAD = {False: "<|endoftext|>", True: "!"}   # SD v1 pads with the end token; SD 2 with "!" (id 0), as OpenCLIP
+# the text encoder's sizes text_encoder/config.json gives (the rest, dropout and the like, SD does not use)
+TEXT_COUNTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "max_position_embeddings")
 SD2_PREDICTION = ("{path} is a Stable Diffusion 2.x file, which does not say what its UNet predicts: pass "
                   "--prediction v_prediction (SD 2.0 / 2.1 at 768 px) or --prediction epsilon (the -base models "
                   "at 512 px)")
@@ -79,7 +83,7 @@ def linear_projections(sd: dict) -> bool:
 def head_counts(counts: list, channels: tuple[int, ...]) -> tuple[int, int | None]:
     """A config's head count per level -> (heads, head_dim): one count for all (SD v1), or one
     head width (SD 2: [5, 10, 20, 20] heads for 320, 640, 1280, 1280 channels are 64 wide)."""
-    if len(counts) != len(channels) or not all(isinstance(n, int) and n > 0 for n in counts):
+    if len(counts) != len(channels) or not all(type(n) is int and n > 0 for n in counts):
         raise InputError(f"UNet: {len(channels)} levels, but the config gives the head counts {counts}")
     if len(set(counts)) == 1:
         return counts[0], None
@@ -98,7 +102,7 @@ def infer_unet(sd: dict, heads: int | list = 8, head_dim: int | None = None, gro
     check_split("UNet", channels, groups, f"{groups} GroupNorm groups")
     if isinstance(heads, list):
         heads, head_dim = head_counts(heads, channels)
-    if not isinstance(heads, int) or heads < 1:
+    if type(heads) is not int or heads < 1:   # not True, not 8.0
         raise InputError(f"UNet: {heads!r} is not a number of attention heads")
     if head_dim:
         check_split("UNet", channels, head_dim, f"{head_dim}-wide attention heads")
@@ -140,7 +144,8 @@ def infer_text(sd: dict, act: str = "quick_gelu") -> CLIPTextConfig:
 # ---- building the modules --------------------------------------------------------------
 
 def fill(model: torch.nn.Module, sd: dict, what: str) -> torch.nn.Module:
-    """Strict load into a meta-device model: every tensor used, every parameter filled, shapes equal."""
+    """Strict load into a meta-device model: every tensor used, every parameter filled, shapes equal,
+    floating-point weights where the model has them."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in sd]
     unused = [k for k in sd if k not in expected]
@@ -151,6 +156,9 @@ def fill(model: torch.nn.Module, sd: dict, what: str) -> torch.nn.Module:
     for k, v in expected.items():
         if v.shape != sd[k].shape:
             raise InputError(f"{what}: {k} has shape {tuple(sd[k].shape)}, expected {tuple(v.shape)}")
+        if v.is_floating_point() and not sd[k].is_floating_point():   # torch would refuse it mid-load
+            raise InputError(f"{what}: {k} holds {str(sd[k].dtype).removeprefix('torch.')} values, "
+                             "expected floating-point weights")
     model.load_state_dict(sd, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
@@ -213,19 +221,6 @@ def load_single_file(path: Path, device, dtype, prediction: str | None) -> Stabl
                  768 if prediction == "v_prediction" else 512)
 
 
-def read_json(file: Path) -> dict:
-    """A folder's JSON config, {} where it has none."""
-    if not file.is_file():
-        return {}
-    try:
-        config = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise InputError(f"{file}: not a JSON object")
-    return config
-
-
 def pad_token(tokenizer: Path, sd2: bool) -> str:
     """The pad token tokenizer/special_tokens_map.json (or else tokenizer_config.json) names, else
     the model's own: "!" for SD 2, <|endoftext|> for SD v1."""
@@ -237,6 +232,40 @@ def pad_token(tokenizer: Path, sd2: bool) -> str:
                 raise InputError(f"{file}: pad_token {pad!r} is not a token")
             return pad
     return PAD[sd2]
+
+
+# ---- a folder's configs ---------------------------------------------------------------------
+
+def count(config: dict, key: str, default: int, file: Path) -> int:
+    """A config's size or count (norm_num_groups, hidden_size, ...): a whole number >= 1."""
+    value = config.get(key, default)
+    if type(value) is not int or value < 1:
+        raise InputError(f"{file}: {key} {shown(value)} is not a whole number >= 1")
+    return value
+
+
+def scale(config: dict, key: str, default: float, file: Path) -> float:
+    """A config's factor or epsilon (scaling_factor, layer_norm_eps): a finite number > 0."""
+    value = config.get(key, default)
+    if type(value) not in (int, float) or not math.isfinite(value) or value <= 0:
+        raise InputError(f"{file}: {key} {shown(value)} is not a number > 0")
+    return value
+
+
+def folder_text_config(config: dict, file: Path) -> CLIPTextConfig:
+    """text_encoder/config.json's text encoder, each value checked first (transformers' own checks,
+    where it has them, end in tracebacks). Absent values, and what SD does not read (dropout, the
+    pooled output's token ids), are transformers' defaults."""
+    base = CLIPTextConfig()
+    counts = {key: count(config, key, getattr(base, key), file) for key in TEXT_COUNTS}
+    act = config.get("hidden_act", base.hidden_act)
+    if not isinstance(act, str) or act not in ACT2FN:
+        raise InputError(f"{file}: hidden_act {shown(act)} is not an activation transformers has")
+    if counts["hidden_size"] % counts["num_attention_heads"]:
+        raise InputError(f"{file}: hidden_size {counts['hidden_size']} does not split into "
+                         f"{counts['num_attention_heads']} attention heads")
+    eps = scale(config, "layer_norm_eps", base.layer_norm_eps, file)
+    return CLIPTextConfig(**counts, hidden_act=act, layer_norm_eps=eps)
 
 
 def prediction_and_size(path: Path, prediction: str | None, unet_json: dict, vae_cfg: VAEConfig) -> tuple[str, int]:
@@ -262,7 +291,8 @@ def load_folder(path: Path, device, dtype, prediction: str | None) -> StableDiff
     for old, new in VAE_LEGACY_ATTENTION:
         sd["vae"] = {sub(k, old, new): v for k, v in sd["vae"].items()}
     sd["text"] = {k: v for k, v in sd["text"].items() if not k.endswith("position_ids")}
-    unet_json, vae_json, text_json = (read_json(path / c / "config.json") for c in FOLDER)
+    configs = {c: path / c / "config.json" for c in FOLDER}
+    unet_json, vae_json, text_json = (read_json(file) for file in configs.values())
     for key, what in (("addition_embed_type", "an SDXL UNet"), ("class_embed_type", "an unCLIP (image variation) UNet")):
         if unet_json.get(key):
             raise InputError(f"{path}: {what} (unet/config.json has {key}); p2p supports Stable Diffusion v1 and "
@@ -277,12 +307,12 @@ def load_folder(path: Path, device, dtype, prediction: str | None) -> StableDiff
         heads = {"heads": counts}
     else:   # no config: the single file's rule, SD 2's 64-wide heads or SD v1's 8
         heads = {"head_dim": 64} if sd2 else {}
-    unet_cfg = infer_unet(sd["unet"], groups=unet_json.get("norm_num_groups", 32), **heads)
-    vae_cfg = infer_vae(sd["vae"], groups=vae_json.get("norm_num_groups", 32),
-                        scale=vae_json.get("scaling_factor", 0.18215))
+    unet_cfg = infer_unet(sd["unet"], groups=count(unet_json, "norm_num_groups", 32, configs["unet"]), **heads)
+    vae_cfg = infer_vae(sd["vae"], groups=count(vae_json, "norm_num_groups", 32, configs["vae"]),
+                        scale=scale(vae_json, "scaling_factor", 0.18215, configs["vae"]))
     act = "gelu" if sd2 else "quick_gelu"
-    text_cfg = CLIPTextConfig.from_dict(text_json) if text_json else infer_text(sd["text"], act)
-    tokenizer = path / "tokenizer" if (path / "tokenizer" / "vocab.json").is_file() else TOKENIZER_DIR
+    text_cfg = folder_text_config(text_json, configs["text_encoder"]) if text_json else infer_text(sd["text"], act)
+    tokenizer = path / "tokenizer" if present(path / "tokenizer" / "vocab.json") else TOKENIZER_DIR
     prediction, native = prediction_and_size(path, prediction, unet_json, vae_cfg)
     return build(sd, path, unet_cfg, vae_cfg, text_cfg, tokenizer, pad_token(path / "tokenizer", sd2), prediction,
                  native)

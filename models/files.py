@@ -3,6 +3,7 @@ header alone or every tensor cast as it is read, the files of a folder's compone
 fingerprint that tells checkpoints apart without reading them whole."""
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -17,6 +18,10 @@ PICKLE = ("{path} is a pickle checkpoint: p2p never unpickles files (loading one
 PICKLE_SUFFIXES = {".ckpt", ".bin", ".pt", ".pth", ".pkl"}
 # the diffusers layout's weight files: component folder -> file stem
 FOLDER = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+# the dtypes p2p reads, as a header names them: floats for weights, integers for buffers it drops
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+          "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
 def cast(t: torch.Tensor, device, dtype) -> torch.Tensor:
@@ -55,12 +60,73 @@ def safetensors_header(path: Path) -> bytes:
     raise InputError(f"{path}: not a readable .safetensors file (no safetensors header)")
 
 
+def shown(value) -> str:
+    """A header's value for a message: one line of ASCII, cut short."""
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def tensor_table(path: Path, header: bytes | None = None) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """{name: (dtype, shape)} of the tensors of a .safetensors file, from its header (`header`, if
+    read already) checked as the safetensors library checks it before reading: every entry a dtype,
+    a shape and data offsets that tile the file's data exactly. So a malformed header is one
+    InputError before anything is allocated, on the meta device as on a real one."""
+    header = header or safetensors_header(path)
+    bad = f"{path}: not a readable .safetensors file"
+    try:
+        table = json.loads(header[8:].decode("utf-8"))   # an object: the header starts with "{"
+    except UnicodeDecodeError as e:
+        at = 8 + e.start
+        raise InputError(f"{bad} (its header is not UTF-8 text: byte {e.object[e.start]:#04x} at {at})") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{bad} (its header is not JSON: {e})") from None
+    metadata = table.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise InputError(f"{bad} (__metadata__ {shown(metadata)} is not a map of text to text)")
+    size, out, spans = path.stat().st_size - len(header), {}, []   # size: the bytes of data after the header
+    for name, entry in table.items():
+        if not name.isprintable():   # a lone surrogate ("\ud800"), a newline: no parameter's name
+            raise InputError(f"{bad} (a tensor name, {shown(name)}, is not printable text)")
+        if not isinstance(entry, dict):
+            raise InputError(f"{bad} (tensor {name} is {shown(entry)}, not an object with dtype, shape and "
+                             "data_offsets)")
+        if missing := [k for k in ("dtype", "shape", "data_offsets") if k not in entry]:
+            raise InputError(f"{bad} (tensor {name} has no {missing[0]})")
+        kind, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(kind, str) or kind not in DTYPES:
+            raise InputError(f"{bad} (tensor {name} has dtype {shown(kind)}; p2p reads {', '.join(DTYPES)})")
+        if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
+            raise InputError(f"{bad} (tensor {name} has shape {shown(shape)}, not a list of sizes >= 0)")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(n) is int for n in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise InputError(f"{bad} (tensor {name} has data_offsets {shown(offsets)}, not [start, end])")
+        start, end = offsets
+        if end > size:
+            raise InputError(f"{bad} (tensor {name} ends at byte {end} of the data, but the file holds {size} bytes "
+                             "of data; cut short?)")
+        if (need := math.prod(shape) * DTYPES[kind].itemsize) != end - start:
+            raise InputError(f"{bad} (tensor {name}: shape {shape} of {kind} is {need} bytes, its data_offsets "
+                             f"span {end - start})")
+        spans.append((start, end, name))
+        out[name] = (DTYPES[kind], tuple(shape))
+    at = 0
+    for start, end, name in sorted(spans):   # the library reads only files whose tensors tile the data
+        if start != at:
+            raise InputError(f"{bad} (tensor {name} starts at byte {start} of the data, the one before it ends "
+                             f"at {at})")
+        at = end
+    if at != size:
+        raise InputError(f"{bad} (its tensors cover {at} of the {size} bytes of data)")
+    return out
+
+
 def read_safetensors(path: Path, device, dtype) -> dict[str, torch.Tensor]:
-    """All tensors of a file, each cast as it is read so peak memory stays near the result."""
-    header = safetensors_header(path)
-    if torch.device(device).type == "meta":   # the architecture alone: shapes from the header, no data read
-        return {k: torch.empty(e["shape"], dtype=dtype if e["dtype"] in ("F64", "F32", "F16", "BF16") else torch.int64,
-                               device="meta") for k, e in json.loads(header[8:]).items() if k != "__metadata__"}
+    """All tensors of a file, each cast as it is read so peak memory stays near the result; on the
+    meta device the architecture alone, the shapes from the header (integers keep their dtype)."""
+    table = tensor_table(path)
+    if torch.device(device).type == "meta":
+        return {k: torch.empty(shape, dtype=dtype if kind.is_floating_point else kind, device="meta")
+                for k, (kind, shape) in table.items()}
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = list(f.keys())
@@ -75,10 +141,46 @@ def read_safetensors(path: Path, device, dtype) -> dict[str, torch.Tensor]:
         raise InputError(f"{path}: not a readable .safetensors file ({str(e).splitlines()[0]})") from None
 
 
+def present(path: Path) -> bool:
+    """Whether something is at `path` (a dangling link is nothing); InputError where that cannot be
+    told, as for a symlink loop, which Path.exists() and is_file() take for nothing."""
+    try:
+        path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as e:
+        raise InputError(f"{path}: cannot read it ({e.strerror})") from None
+    return True
+
+
+def config_bytes(file: Path) -> bytes | None:
+    """A folder's config file, None where it has none."""
+    if not present(file):
+        return None
+    try:
+        return file.read_bytes()
+    except OSError as e:   # a directory, no permission
+        raise InputError(f"{file}: cannot read it ({e.strerror})") from None
+
+
+def read_json(file: Path) -> dict:
+    """A folder's JSON config, {} where it has none."""
+    data = config_bytes(file)
+    if data is None:
+        return {}
+    try:
+        config = json.loads(data.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise InputError(f"{file}: not a JSON object")
+    return config
+
+
 def component_file(folder: Path, stem: str) -> Path:
     """The safetensors weights of one component folder, full precision preferred."""
     for name in (f"{stem}.safetensors", f"{stem}.fp16.safetensors"):
-        if (folder / name).is_file():
+        if present(folder / name):
             return folder / name
     if any(folder.glob("*.bin")):
         raise InputError(PICKLE.format(path=next(folder.glob("*.bin"))))
@@ -87,11 +189,11 @@ def component_file(folder: Path, stem: str) -> Path:
 
 def weight_files(path: Path) -> list[Path]:
     """The safetensors files of a checkpoint: the single file, or a folder's unet, vae, text_encoder."""
-    if not path.exists():
+    if not present(path):
         raise InputError(f"{path} does not exist (get weights with: p2p download)")
     if not path.is_dir():
         return [path]
-    if missing := [f"{c}/" for c in FOLDER if not (path / c).is_dir()]:
+    if missing := [f"{c}/" for c in FOLDER if not (present(path / c) and (path / c).is_dir())]:
         raise InputError(f"{path} is a directory but not a diffusers-layout checkpoint "
                          f"(it needs unet/, vae/ and text_encoder/; {', '.join(missing)} missing)")
     return [component_file(path / c, stem) for c, stem in FOLDER.items()]
@@ -99,10 +201,12 @@ def weight_files(path: Path) -> list[Path]:
 
 def fingerprint(path) -> str:
     """16 hex digits that tell checkpoints apart, in milliseconds even for 4 GB: sha256 over each
-    weight file's header and 16 evenly spaced 4 KiB samples of its data (and a folder's configs)."""
+    weight file's header and 16 evenly spaced 4 KiB samples of its data (and a folder's configs).
+    It refuses what `load` refuses of the files: a malformed header, an unreadable config."""
     path, digest, block = Path(path), hashlib.sha256(), 4096
     for file in weight_files(path):
         header = safetensors_header(file)
+        tensor_table(file, header)
         digest.update(header)
         start, end = len(header), file.stat().st_size
         with open(file, "rb") as f:
@@ -110,5 +214,5 @@ def fingerprint(path) -> str:
                 f.seek(start + max(0, end - start - block) * i // 15)
                 digest.update(f.read(block))
     for config in [path / c / "config.json" for c in FOLDER] if path.is_dir() else []:
-        digest.update(config.read_bytes() if config.is_file() else b"")
+        digest.update(config_bytes(config) or b"")
     return digest.hexdigest()[:16]

@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 
 from models import InputError
 from models.checkpoint import load, prediction_of
-from models.files import check_device, fingerprint
+from models.files import check_device, fingerprint, present
 from models.text import check_prompts, load_tokenizer
 
 from . import edits, inversion, output, photo, record, run, sampler, viz
@@ -44,7 +44,7 @@ def check_outputs(outputs: dict[str, tuple[Path | None, str]], inputs: dict[str,
         if real in seen:
             raise InputError(f"{seen[real]} and {flag} are the same file ({path}): each output needs its own")
         for name, source in inputs.items():
-            if source is not None and real == source.resolve():
+            if source is not None and present(source) and real == source.resolve():   # a loop: one line
                 raise InputError(f"{flag} {path} is the {name} input: p2p never overwrites its inputs")
         seen[real] = flag
 
