@@ -17,10 +17,11 @@ from safetensors.torch import load_file, save_file
 
 from models import InputError, files
 from models.attention import Site
-from models.checkpoint import load
+from models.checkpoint import load, prediction_of
 from models.files import read_safetensors
 from models.text import check_prompts, load_tokenizer
 from models.unet import UNet
+from p2p.cli import main
 from p2p.sampler import generate
 
 from conftest import script
@@ -337,3 +338,237 @@ def test_fingerprint_refuses_what_load_refuses(tmp_path):
     (tmp_path / "folder" / "unet").mkdir(parents=True)
     with pytest.raises(InputError, match="vae/, text_encoder/ missing"):
         files.fingerprint(tmp_path / "folder")
+
+
+# ---- malformed safetensors headers: one InputError, before anything is read ----------------
+
+def with_header(src, dst, change, key: str):
+    """Copy the .safetensors file `src` to `dst` with its JSON header put through `change(header,
+    key)`, which gives the new header as a dict or as raw bytes; the data stays as it was."""
+    data = src.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = change(json.loads(data[8:8 + n]), key)
+    header = header if isinstance(header, bytes) else json.dumps(header).encode()
+    dst.write_bytes(struct.pack("<Q", len(header)) + header + data[8 + n:])
+
+
+def edit(header: dict, key: str, **fields) -> dict:
+    return {**header, key: {**header[key], **fields}}
+
+
+def renamed(header: dict, key: str, new: bytes) -> bytes:
+    """The header as bytes with `key` renamed to `new`, bytes JSON cannot hold or escapes it decodes oddly."""
+    text = json.dumps(header).encode()
+    assert text.count(f'"{key}"'.encode()) == 1
+    return text.replace(f'"{key}"'.encode(), b'"' + new + b'"')
+
+
+# each case: (the change, what the one-line message says, with {key} the damaged tensor)
+HEADERS = {
+    "not JSON": (lambda h, k: b"{not json" + b" " * 8, "its header is not JSON: Expecting property name"),
+    "an entry that is not an object": (lambda h, k: {**h, k: 5}, "tensor {key} is 5, not an object with dtype"),
+    "an entry without a shape": (lambda h, k: {**h, k: {f: v for f, v in h[k].items() if f != "shape"}},
+                                 "tensor {key} has no shape"),
+    "a negative shape": (lambda h, k: edit(h, k, shape=[-1, 4, 3, 3]),
+                         "tensor {key} has shape [-1, 4, 3, 3], not a list of sizes"),
+    "a shape of text": (lambda h, k: edit(h, k, shape="32x4"), 'tensor {key} has shape "32x4"'),
+    "a non-UTF-8 key": (lambda h, k: renamed(h, k, k.encode()[:-6] + b"\xff\xfeight"),
+                        "its header is not UTF-8 text: byte 0xff"),
+    "a lone surrogate key": (lambda h, k: renamed(h, k, k.encode()[:-6] + b"\\ud800ight"),
+                             '.\\ud800ight", is not printable text'),
+    "a newline in a key": (lambda h, k: renamed(h, k, k.encode() + b"\\n"), "is not printable text"),
+    "an unknown dtype": (lambda h, k: edit(h, k, dtype="F33"), 'tensor {key} has dtype "F33"; p2p reads F64, F32'),
+    "a dtype that is not text": (lambda h, k: edit(h, k, dtype=["F32"]), 'tensor {key} has dtype ["F32"]'),
+    "data offsets beyond the file": (lambda h, k: edit(h, k, data_offsets=[h[k]["data_offsets"][0], 10 ** 12]),
+                                     "tensor {key} ends at byte 1000000000000 of the data, but the file holds"),
+    "offsets that do not fit the shape": (lambda h, k: edit(h, k, shape=[64, 4, 3, 3]),
+                                          "tensor {key}: shape [64, 4, 3, 3] of F32 is 9216 bytes, its "
+                                          "data_offsets span 4608"),
+    "overlapping tensors": (lambda h, k: edit(h, k, data_offsets=[o - 4 for o in h[k]["data_offsets"]]),
+                            "tensor {key} starts at byte"),
+    "metadata that is not text": (lambda h, k: {**h, "__metadata__": {"format": 1}},
+                                  '__metadata__ {"format": 1} is not a map of text to text'),
+}
+FILE_KEY, FOLDER_KEY = "model.diffusion_model.input_blocks.0.0.weight", "conv_in.weight"   # 32x4x3x3 F32 in both
+
+
+def one_line_refusal(call, words: str) -> str:
+    """`call()` must raise an InputError: one line that says `words`; anything else fails."""
+    try:
+        call()
+    except InputError as e:
+        message = str(e)
+        assert "\n" not in message and words in message, message
+        return message
+    except Exception as e:   # noqa: BLE001 - the point: only InputError may come out
+        pytest.fail(f"{type(e).__name__}: {e}")
+    pytest.fail("accepted")
+
+
+@pytest.mark.parametrize("case", HEADERS)
+def test_malformed_header_of_a_single_file_is_one_line_before_any_read(case, tiny_file, tmp_path, monkeypatch):
+    change, words = HEADERS[case]
+    bad = tmp_path / "bad.safetensors"
+    with_header(tiny_file, bad, change, FILE_KEY)
+    words = words.replace("{key}", FILE_KEY)
+    one_line_refusal(lambda: load(bad, "meta"), words)
+    one_line_refusal(lambda: files.fingerprint(bad), words)
+    one_line_refusal(lambda: prediction_of(bad), words)
+
+    def opened(*args, **kwargs):
+        raise AssertionError("the data was opened before the header was checked")
+    monkeypatch.setattr(files, "safe_open", opened)   # the full read refuses on the header alone
+    message = one_line_refusal(lambda: load(bad), words)
+    assert message.startswith(f"{bad}: not a readable .safetensors file (")
+    one_line_refusal(lambda: read_safetensors(bad, "cpu", torch.float32), words)
+
+
+@pytest.mark.parametrize("case", HEADERS)
+def test_malformed_header_in_a_folder_is_one_line(case, tiny_folder, tmp_path):
+    change, words = HEADERS[case]
+    folder = copy_folder(tiny_folder, tmp_path)
+    unet = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    with_header(tiny_folder / "unet" / unet.name, unet, change, FOLDER_KEY)
+    words = words.replace("{key}", FOLDER_KEY)
+    for call in (lambda: load(folder), lambda: load(folder, "meta"), lambda: files.fingerprint(folder)):
+        assert one_line_refusal(call, words).startswith(f"{unet}: not a readable .safetensors file (")
+
+
+def test_a_valid_header_passes_the_checks_unchanged(tiny_file):
+    """The check reads what safetensors reads: every tensor, its dtype and shape."""
+    table = files.tensor_table(tiny_file)
+    full = load_file(tiny_file)
+    assert table == {k: (v.dtype, tuple(v.shape)) for k, v in full.items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
+def test_integer_tensor_for_a_float_weight_is_refused_by_name(dtype, tiny_file, tiny_folder, tmp_path):
+    full = load_file(tiny_file)
+    full[FILE_KEY] = full[FILE_KEY].to(dtype)
+    bad = tmp_path / "int.safetensors"
+    save_file(full, str(bad))
+    words = f"UNet: conv_in.weight holds {str(dtype).removeprefix('torch.')} values, expected floating-point weights"
+    one_line_refusal(lambda: load(bad, "meta"), words)
+    one_line_refusal(lambda: load(bad), words)
+    folder = copy_folder(tiny_folder, tmp_path)
+    unet = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights = load_file(unet)
+    weights[FOLDER_KEY] = weights[FOLDER_KEY].to(dtype)
+    save_file(weights, str(unet))
+    one_line_refusal(lambda: load(folder), words)
+
+
+# ---- symlink loops and a folder's configs --------------------------------------------------
+
+def loop_at(path):
+    """Put a symlink to itself at `path` (ln -s NAME NAME), in place of what was there."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+    path.symlink_to(path.name)
+    return path
+
+
+def test_weights_that_are_a_symlink_loop_are_one_line(tmp_path):
+    loop = loop_at(tmp_path / "loop")
+    for call in (lambda: load(loop), lambda: load(loop, "meta"), lambda: files.fingerprint(loop),
+                 lambda: prediction_of(loop)):
+        assert one_line_refusal(call, f"{loop}: cannot read it (").endswith("symbolic links)")
+
+
+@pytest.mark.parametrize("inside", ["unet", "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
+                                    "tokenizer/vocab.json", "scheduler/scheduler_config.json"])
+def test_a_symlink_loop_inside_a_folder_is_named(inside, tiny_folder, tmp_path):
+    folder = copy_folder(tiny_folder, tmp_path)
+    (folder / inside).parent.mkdir(exist_ok=True)
+    loop = loop_at(folder / inside)
+    calls = [lambda: load(folder), lambda: load(folder, "meta")]
+    if not inside.startswith(("tokenizer", "scheduler")):   # what the fingerprint reads
+        calls.append(lambda: files.fingerprint(folder))
+    for call in calls:
+        one_line_refusal(call, f"{loop}: cannot read it (")
+
+
+# each case: (the component, what its config.json gets, what the one-line message says)
+CONFIGS = {
+    "norm_num_groups as text": ("unet", {"norm_num_groups": "32"}, 'norm_num_groups "32" is not a whole number >= 1'),
+    "no GroupNorm groups": ("vae", {"norm_num_groups": 0}, "norm_num_groups 0 is not a whole number >= 1"),
+    "heads true": ("unet", {"attention_head_dim": True}, "UNet: True is not a number of attention heads"),
+    "heads [true] * 4": ("unet", {"attention_head_dim": [True] * 4}, "config gives the head counts [True, True"),
+    "scaling_factor 0": ("vae", {"scaling_factor": 0}, "scaling_factor 0 is not a number > 0"),
+    "scaling_factor as text": ("vae", {"scaling_factor": "0.18"}, 'scaling_factor "0.18" is not a number > 0'),
+    "hidden_size as text": ("text_encoder", {"hidden_size": "x"}, 'hidden_size "x" is not a whole number >= 1'),
+    "vocab_size null": ("text_encoder", {"vocab_size": None}, "vocab_size null is not a whole number >= 1"),
+    "heads that do not split the width": ("text_encoder", {"num_attention_heads": 3},
+                                          "hidden_size 128 does not split into 3 attention heads"),
+    "no heads": ("text_encoder", {"num_attention_heads": 0}, "num_attention_heads 0 is not a whole number >= 1"),
+    "an unknown activation": ("text_encoder", {"hidden_act": "nope"}, 'hidden_act "nope" is not an activation'),
+    "layer_norm_eps as text": ("text_encoder", {"layer_norm_eps": "x"}, 'layer_norm_eps "x" is not a number > 0'),
+}
+
+
+def damaged_config(folder, part: str, change: dict | bytes):
+    config = folder / part / "config.json"
+    if not isinstance(change, bytes):
+        change = json.dumps({**json.loads(config.read_text()), **change}).encode()
+    config.write_bytes(change)
+    return config
+
+
+@pytest.mark.parametrize("case", CONFIGS)
+def test_config_values_of_the_wrong_kind_are_one_line(case, tiny_folder, tmp_path):
+    part, change, words = CONFIGS[case]
+    folder = copy_folder(tiny_folder, tmp_path)
+    config = damaged_config(folder, part, change)
+    for call in (lambda: load(folder, "meta"), lambda: load(folder)):
+        message = one_line_refusal(call, words)
+        assert message.startswith(f"{config}: ") or message.startswith("UNet: ")
+
+
+def test_config_files_that_cannot_be_read_are_one_line(tiny_folder, tmp_path):
+    folder = copy_folder(tiny_folder, tmp_path)
+    config = damaged_config(folder, "text_encoder", b'{"hidden_size": "\xff"}')
+    one_line_refusal(lambda: load(folder), f"{config}: not valid JSON ('utf-8' codec can't decode byte 0xff")
+    config.unlink()
+    config.mkdir()
+    one_line_refusal(lambda: load(folder), f"{config}: cannot read it (Is a directory)")
+    one_line_refusal(lambda: files.fingerprint(folder), f"{config}: cannot read it (Is a directory)")
+
+
+# ---- the same through the CLI: exit 2, one line on stderr ----------------------------------
+
+def malformed(case: str, tiny_file, tiny_folder, tmp_path):
+    """A broken checkpoint for `case` (one of HEADERS, CONFIGS or the cases below) and what its error says."""
+    if case in HEADERS:
+        change, words = HEADERS[case]
+        with_header(tiny_file, tmp_path / "bad.safetensors", change, FILE_KEY)
+        return tmp_path / "bad.safetensors", words.replace("{key}", FILE_KEY)
+    folder = copy_folder(tiny_folder, tmp_path)
+    if case in CONFIGS:
+        part, change, words = CONFIGS[case]
+        damaged_config(folder, part, change)
+        return folder, words
+    if case == "an integer weight":
+        full = load_file(tiny_file)
+        save_file({**full, FILE_KEY: full[FILE_KEY].long()}, str(tmp_path / "int.safetensors"))
+        return tmp_path / "int.safetensors", "UNet: conv_in.weight holds int64 values, expected floating-point weights"
+    if case == "a symlink loop":
+        return loop_at(tmp_path / "loop"), "cannot read it (Too many levels of symbolic links)"
+    assert case == "a folder whose unet/ is a symlink loop"
+    return folder, f"{loop_at(folder / 'unet')}: cannot read it ("
+
+
+@pytest.mark.parametrize("case", [*HEADERS, *CONFIGS, "an integer weight", "a symlink loop",
+                                  "a folder whose unet/ is a symlink loop"])
+def test_cli_refuses_a_malformed_checkpoint_in_one_line(case, tiny_file, tiny_folder, tmp_path, capsys):
+    weights, words = malformed(case, tiny_file, tiny_folder, tmp_path)
+    out = tmp_path / "g.png"
+    for argv in (["sites", "--weights", weights],
+                 ["generate", "--weights", weights, "--prompt", "a cat", "--steps", "1", "--height", "64",
+                  "--width", "64", "--out", out]):
+        code = main([str(a) for a in argv])
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert err.startswith(f"p2p {argv[0]}: error: ") and words in err, err
+    assert not out.exists()
