@@ -572,3 +572,18 @@ def test_cli_refuses_a_malformed_checkpoint_in_one_line(case, tiny_file, tiny_fo
         assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
         assert err.startswith(f"p2p {argv[0]}: error: ") and words in err, err
     assert not out.exists()
+
+
+def test_a_file_cut_short_is_named(tiny_file, tmp_path, capsys):
+    """An interrupted download: the header whole, the data not. Refused from the file's size alone,
+    by the header-only read (p2p sites) as by the full one."""
+    data = tiny_file.read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[:len(data) - 1000])
+    words = "of the data, but the file holds"
+    for call in (lambda: load(cut, "meta"), lambda: load(cut), lambda: files.fingerprint(cut)):
+        assert one_line_refusal(call, words).endswith("cut short?)")
+    assert main(["sites", "--weights", str(cut)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"p2p sites: error: {cut}: not a readable .safetensors file (tensor ") and words in err
+    assert len(err.strip().splitlines()) == 1, err
