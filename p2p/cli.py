@@ -76,7 +76,9 @@ def window(text: str) -> float | tuple[float, float]:
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"not a step window: {text!r} (use F or START:END, fractions "
                                          "of the steps)") from None
-    if len(parts) > 2 or not all(0 <= x <= 1 for x in parts):
+    if len(parts) > 2:
+        raise argparse.ArgumentTypeError(f"not a step window: {text!r} has {len(parts)} parts (use F or START:END)")
+    if not all(0 <= x <= 1 for x in parts):
         raise argparse.ArgumentTypeError(f"not a step window: {text!r} (fractions of the steps lie in [0, 1])")
     if len(parts) == 2 and parts[0] > parts[1]:
         raise argparse.ArgumentTypeError(f"step window {text!r} ends before it starts")

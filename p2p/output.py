@@ -6,6 +6,7 @@ file, and through a plain open(), so it gets the permissions the umask gives any
 
 import contextlib
 import functools
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -133,7 +134,18 @@ def text_tile(text: str, size: tuple[int, int]) -> Image.Image:
 
 def _temp(path: Path) -> Path:
     # A plain name rather than mkstemp, so the result gets the usual umask permissions, not 0600.
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # A name near the file system's limit has no room for the temp's additions: then a short one.
+    name = f".{path.name}.{os.getpid()}.tmp"
+    if len(name.encode()) > _name_max(path.parent):
+        name = f".p2p-{hashlib.sha256(path.name.encode()).hexdigest()[:16]}.{os.getpid()}.tmp"
+    return path.with_name(name)
+
+
+def _name_max(folder: Path) -> int:
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):   # no such folder (refused later), no pathconf (Windows)
+        return 255
 
 
 def _check_suffix(path: Path, kind: str) -> None:
