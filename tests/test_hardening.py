@@ -476,3 +476,27 @@ def test_messages_name_the_flag_given_or_left_alone(tiny_folder, tiny_file, tmp_
     refused(capsys, tmp_path, ["edit", "--weights", tiny_file, "--source", CAT, "--target", DOG, "--mode", "replace",
                                "--cross-steps", "0:0.5:1", *FAST, "--out", tmp_path / "x.png"],
             "--cross-steps: not a step window: '0:0.5:1' has 3 parts (use F or START:END)")
+
+
+def test_recipe_paths_resolve_against_the_recipes_folder(tiny_file, tmp_path, capsys, monkeypatch):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))
+    mask.save(runs / "left.png")
+    (runs / "r.json").write_text(json.dumps({"source": CAT, "targets": [DOG], "mode": "replace", "steps": 2,
+                                             "height": 64, "width": 64, "blend_mask": "left.png"}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    ok(capsys, "edit", "--weights", tiny_file, "--recipe", runs / "r.json", "--out", runs / "a.png")
+    written = json.loads(Image.open(runs / "a.png").text["experiment"])
+    assert written["blend_mask"] == str(runs / "left.png")   # absolute, so its own re-run finds it from anywhere
+    monkeypatch.chdir(tmp_path)
+    ok(capsys, "edit", "--weights", tiny_file, "--recipe", runs / "a.png", "--out", tmp_path / "b.png")
+
+
+def test_an_output_name_near_the_file_systems_limit_is_written(tiny_file, tmp_path, capsys):
+    out = tmp_path / ("g" * 251 + ".png")   # 255 bytes: no room for the temp name's dot, pid and .tmp
+    ok(capsys, "generate", "--weights", tiny_file, "--prompt", CAT, *FAST, "--out", out)
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]
