@@ -144,11 +144,13 @@ def write_generation(sd, prompts: list[str], negative: str, dtype: str, out: Pat
                      **sampling):
     """Sample the prompts from one noise without an edit and write them (`sampling`: seed, steps,
     guidance, height, width, sampler)."""
+    metadata = {"prompts": text(prompts), "negative": negative, **run_metadata("generate", sd, dtype, **sampling)}
+    size = (sampling["width"], sampling["height"])
+    output.check_image(out, output.row_size([size] * len(prompts), prompts), metadata)   # before the work
     latents = sampler.generate(sd, prompts, negative=negative, **sampling)
     decoded = sampler.decode(sd, latents)
     run.check_finite(f"the sampled latents and images (guidance {sampling['guidance']})", latents, decoded)
     images = output.to_pil(decoded)
-    metadata = {"prompts": text(prompts), "negative": negative, **run_metadata("generate", sd, dtype, **sampling)}
     if latents_out is not None:
         output.save_tensors(latents_out, {"latents": latents}, metadata)
         wrote(latents_out)
@@ -227,13 +229,19 @@ def edit_record(r: Experiment, weights: Path, out: Path, latents_out: Path | Non
     if maps_out is not None:
         run.check_resolution(architecture, r.height, r.width, maps_res, "--maps-res")
     sd = sd or load_model(weights, device, dtype, prediction)
-    result = run.run(sd, plan, dtype)
     metadata = {**record_metadata(r), **run_metadata("edit", sd, dtype, r.seed, r.steps, r.guidance, r.sampler,
                                                      r.height, r.width)}
-    row, labels = result.images, r.prompts
-    if result.photo is not None:   # the photo first, then its reconstruction (the source row) and the edits
-        metadata |= {"inversion_method": result.inversion.settings["method"]}
-        row, labels = [result.photo, *row], ["photo", *labels]
+    labels = r.prompts
+    if plan.photo is not None:   # the photo first, then its reconstruction (the source row) and the edits
+        metadata |= {"inversion_method": (plan.photo.inversion or plan.photo).settings["method"]}
+        labels = ["photo", *labels]
+    output.check_image(out, output.row_size([(r.width, r.height)] * len(labels), labels), metadata)
+    if maps_out is not None:   # (its size is known only once drawn)
+        output.check_image(maps_out, None, metadata | {"maps_res": str(maps_res)})
+    result = run.run(sd, plan, dtype)
+    row = result.images
+    if result.photo is not None:
+        row = [result.photo, *row]
         photo.report_latents(result.inversion, result.latents)
     if latents_out is not None:
         output.save_tensors(latents_out, {"latents": result.latents}, metadata)
@@ -289,13 +297,14 @@ def write_maps(sd, prompt: str, res: int, window: tuple[int, int], components: i
         raise InputError(f"--sites {','.join(record.site_text(p, q) for p, q in items)} picks no layer at --res {res}")
     store = edits.AttentionStore(edits.Sites(places=None if items else ("down", "up"), resolutions=(res,),
                                              items=items or None, self=components > 0, steps=window))
+    metadata = {"prompt": prompt, "res": str(res), "steps_range": f"{window[0]}:{window[1]}",
+                "sites": ",".join(record.site_text(p, q) for p, q in items),
+                "components": str(components), **run_metadata("maps", sd, dtype, **sampling)}
+    output.check_image(out, None, metadata)   # before the work (the grid's size is known once drawn)
     latents = sampler.generate(sd, [prompt], edit=store, **sampling)
     decoded = sampler.decode(sd, latents)
     run.check_finite(f"the sampled latents and image (guidance {sampling['guidance']})", latents, decoded)
     images = output.to_pil(decoded)
-    metadata = {"prompt": prompt, "res": str(res), "steps_range": f"{window[0]}:{window[1]}",
-                "sites": ",".join(record.site_text(p, q) for p, q in items),
-                "components": str(components), **run_metadata("maps", sd, dtype, **sampling)}
     grid = viz.token_maps_grid(images, [prompt], store, load_tokenizer(), res)
     if components:
         grid = viz.stack([grid, viz.components_grid(viz.self_components(store, res, components))])

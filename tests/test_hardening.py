@@ -500,3 +500,13 @@ def test_an_output_name_near_the_file_systems_limit_is_written(tiny_file, tmp_pa
     out = tmp_path / ("g" * 251 + ".png")   # 255 bytes: no room for the temp name's dot, pid and .tmp
     ok(capsys, "generate", "--weights", tiny_file, "--prompt", CAT, *FAST, "--out", out)
     assert [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
+def test_image_formats_limits_are_checked_before_sampling(tiny_file, tmp_path, capsys):
+    # two 8192 px wide images side by side pass WebP's 16383 pixels a side
+    refused(capsys, tmp_path, ["generate", "--weights", tiny_file, "--prompt", CAT, "--prompt", DOG, "--steps", 2,
+                               "--height", 64, "--width", 8192, "--out", tmp_path / "g.webp"], "past WebP's limit")
+    long = " ".join(["photograph"] * 75)   # 75 tokens, each target twice in the record: past a JPEG comment
+    targets = [a for i in range(50) for a in ("--target", long.replace("photograph", "picture", i))]
+    refused(capsys, tmp_path, ["edit", "--weights", tiny_file, "--source", long, *targets, "--mode", "refine",
+                               *FAST, "--out", tmp_path / "e.jpg"], "do not fit a JPEG comment")
