@@ -5,6 +5,7 @@ file, and through a plain open(), so it gets the permissions the umask gives any
 """
 
 import contextlib
+import errno
 import functools
 import hashlib
 import json
@@ -147,7 +148,7 @@ def _temp(path: Path) -> Path:
     # A plain name rather than mkstemp, so the result gets the usual umask permissions, not 0600.
     # A name near the file system's limit has no room for the temp's additions: then a short one.
     name = f".{path.name}.{os.getpid()}.tmp"
-    if len(name.encode()) > _name_max(path.parent):
+    if len(os.fsencode(name)) > _name_max(path.parent):
         name = f".p2p-{hashlib.sha256(path.name.encode()).hexdigest()[:16]}.{os.getpid()}.tmp"
     return path.with_name(name)
 
@@ -178,6 +179,8 @@ def check_output(path: Path, kind: str) -> None:
         raise InputError(f"output directory does not exist: {path.parent}")
     if os.path.isdir(path):  # False, not an error, for a name too long to exist
         raise InputError(f"cannot write {path}: it is a directory")
+    if len(os.fsencode(path.name)) > _name_max(path.parent):   # (the temp file, below, may have a shorter name)
+        raise InputError(f"cannot write {path}: {os.strerror(errno.ENAMETOOLONG)}")
     # Create and delete the writer's own temp file: root passes os.access even where writes fail.
     temp = _temp(path)
     try:
