@@ -225,7 +225,9 @@ def parser() -> argparse.ArgumentParser:
                    "of words' attention: an image whose bright pixels (> 127) mark it, resized to the latents")
     p.add_argument("--replace-mapper", choices=["aligned", "official"], default="aligned",
                    help="replace: aligned (default) keeps the tokens after a swapped word aligned; official "
-                   "is the authors' mapper, which shifts them when the swapped words' token counts differ")
+                   "is the authors' mapper, which shifts them when the swapped words' token counts differ (on our "
+                   "word split: for a '#' inside a word, a combining accent or two spaces in a row theirs splits "
+                   "words differently, so it then differs from their exact mapper)")
     p.add_argument("--reweight", nargs="+", action="extend", default=[], metavar="WORD=SCALE",
                    help="scale a target word's attention (negative allowed); stacks on replace/refine")
     p.add_argument("--cross-sites", default="", metavar="ITEMS", help="the layers the cross edit acts in: "
