@@ -76,7 +76,9 @@ def window(text: str) -> float | tuple[float, float]:
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"not a step window: {text!r} (use F or START:END, fractions "
                                          "of the steps)") from None
-    if len(parts) > 2 or not all(0 <= x <= 1 for x in parts):
+    if len(parts) > 2:
+        raise argparse.ArgumentTypeError(f"not a step window: {text!r} has {len(parts)} parts (use F or START:END)")
+    if not all(0 <= x <= 1 for x in parts):
         raise argparse.ArgumentTypeError(f"not a step window: {text!r} (fractions of the steps lie in [0, 1])")
     if len(parts) == 2 and parts[0] > parts[1]:
         raise argparse.ArgumentTypeError(f"step window {text!r} ends before it starts")
@@ -161,8 +163,10 @@ def add_sampling_args(p: argparse.ArgumentParser):
     p.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="ddim (default), or plms: the official "
                    "SD notebook's scheduler (PNDM without Runge-Kutta steps), N + 1 UNet calls for N steps")
     p.add_argument("--guidance", type=finite, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    p.add_argument("--height", type=at_least(8), default=512, help="image height, a multiple of 8 (default 512)")
-    p.add_argument("--width", type=at_least(8), default=512, help="image width, a multiple of 8 (default 512)")
+    p.add_argument("--height", type=at_least(8), default=512, help="image height, a multiple of 8 (default: "
+                   "the model's native size, 512, or 768 for SD 2 at 768 px)")
+    p.add_argument("--width", type=at_least(8), default=512, help="image width, a multiple of 8 (default: the "
+                   "model's native size)")
 
 
 def add_inversion_args(p: argparse.ArgumentParser):
@@ -203,13 +207,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--self-steps", type=window, default=0.4, help="fraction (or START:END) of steps with "
                    "self-attention injection (default 0.4)")
     p.add_argument("--self-max-tokens", type=at_least(0), default=256, help="inject self-attention only in "
-                   "layers with at most this many keys (default 256 = 16x16)")
+                   "layers with at most this many keys (default 256 = 16x16 at 512 px; (H/32)x(W/32) for a model native to "
+                   "another size)")
     p.add_argument("--blend", nargs="+", action="extend", default=[], metavar="WORDS",
                    help="local blend: one comma-separated word list per prompt, source first")
     p.add_argument("--blend-threshold", type=finite, default=0.3, help="local blend mask threshold "
                    "(default 0.3)")
     p.add_argument("--blend-res", type=at_least(1), default=16, help="resolution of the cross-attention maps "
-                   "local blend reads (default 16, the paper's choice at 512 px)")
+                   "local blend reads (default 16, the paper's choice at 512 px; the short side / 32 for a model native "
+                   "to another size)")
     p.add_argument("--blend-start", type=fraction, default=0.0, metavar="F", help="blend only from update "
                    "int(F * steps) on (default 0, every update; the null-text notebook uses 0.2)")
     p.add_argument("--blend-subtract", nargs="+", action="extend", default=[], metavar="WORDS",
@@ -219,7 +225,9 @@ def parser() -> argparse.ArgumentParser:
                    "of words' attention: an image whose bright pixels (> 127) mark it, resized to the latents")
     p.add_argument("--replace-mapper", choices=["aligned", "official"], default="aligned",
                    help="replace: aligned (default) keeps the tokens after a swapped word aligned; official "
-                   "is the authors' mapper, which shifts them when the swapped words' token counts differ")
+                   "is the authors' mapper, which shifts them when the swapped words' token counts differ (on our "
+                   "word split: for a '#' inside a word, a combining accent or two spaces in a row theirs splits "
+                   "words differently, so it then differs from their exact mapper)")
     p.add_argument("--reweight", nargs="+", action="extend", default=[], metavar="WORD=SCALE",
                    help="scale a target word's attention (negative allowed); stacks on replace/refine")
     p.add_argument("--cross-sites", default="", metavar="ITEMS", help="the layers the cross edit acts in: "
@@ -233,7 +241,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--latents-out", type=Path, help="safetensors: final latents [1 + n_targets, 4, H/8, W/8]")
     p.add_argument("--maps-out", type=Path, help="image: per-token cross-attention maps of every prompt")
     p.add_argument("--maps-res", type=at_least(1), default=16, help="resolution of the maps --maps-out "
-                   "draws (default 16)")
+                   "draws (default 16; the short side / 32 for a model native to another size)")
     p.add_argument("--image", type=Path, help="edit this photo (--source describes it) instead of sampling from "
                    "--seed; square, --height = --width")
     p.add_argument("--inversion", type=Path, help="the photo's inversion from `p2p invert`, which fixes the "
@@ -250,14 +258,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=finite, default=7.5, help="the guidance the photo will be edited at "
                    "(default 7.5)")
     p.add_argument("--size", type=at_least(8), default=512, help="model image size: the photo is "
-                   "centre-cropped to a square and resized to it (default 512)")
+                   "centre-cropped to a square and resized to it (default: the model's native size, 512, or 768 for SD 2 at "
+                   "768 px)")
     p.add_argument("--out", type=Path, required=True, help="safetensors: x_T, z0, null_embeddings or "
                    "direct_offsets, settings")
 
     p = commands.add_parser("maps", help="per-token cross-attention maps over the generated image")
     add_model_args(p)
     p.add_argument("--prompt", required=True, help="the prompt whose image and token maps are drawn")
-    p.add_argument("--res", type=at_least(1), default=16, help="resolution of the maps averaged (default 16)")
+    p.add_argument("--res", type=at_least(1), default=16, help="resolution of the maps averaged (default 16; "
+                   "the short side / 32 for a model native to another size)")
     p.add_argument("--steps-range", default="", metavar="A:B", help="average over steps A..B-1 (UNet calls "
                    "under plms; default all)")
     p.add_argument("--sites", default="", metavar="ITEMS", help="average only these layers at --res, "
@@ -318,8 +328,9 @@ def parser() -> argparse.ArgumentParser:
     p = commands.add_parser("sites", help="list every attention layer: call order, name, place, map size")
     p.add_argument("--weights", type=Path, required=True, help="SD v1 or 2.x checkpoint (only its headers are read)")
     add_prediction_arg(p)
-    p.add_argument("--height", type=at_least(8), default=512, help="image height (default 512)")
-    p.add_argument("--width", type=at_least(8), default=512, help="image width (default 512)")
+    p.add_argument("--height", type=at_least(8), default=512, help="image height (default: the model's native "
+                   "size)")
+    p.add_argument("--width", type=at_least(8), default=512, help="image width (default: the model's native size)")
 
     p = commands.add_parser("download", help="fetch a diffusers-layout SD repository, or one transformers "
                             "model for the metrics (safetensors only)")

@@ -34,19 +34,35 @@ def text(value) -> str:
 
 def check_outputs(outputs: dict[str, tuple[Path | None, str]], inputs: dict[str, Path | None]):
     """Each output ({flag: (path, "image" | "tensors")}) writable under a known suffix, no two of
-    them the same file and none of them an input ({flag: path}): p2p never overwrites those."""
+    them the same file and none of them an input ({flag: path}) or inside an input folder (a
+    diffusers checkpoint, whose every file is read): p2p never overwrites those. Paths compare
+    resolved, so symbolic and hard links to an input count as the input."""
     seen = {}
     for flag, (path, kind) in outputs.items():
         if path is None:
             continue
-        output.check_output(path, kind)
         real = path.resolve()
+        for name, source in inputs.items():
+            if source is None or not present(source):   # present: a symlink loop is one line
+                continue
+            if source.is_dir() and (real == source.resolve() or source.resolve() in real.parents or path.exists()
+                                    and any(same_file(path, f) for f in source.rglob("*") if f.is_file())):
+                raise InputError(f"{flag} {path} is inside the {name} folder {source}: p2p never writes into "
+                                 "its inputs")
+            if same_file(path, source):
+                raise InputError(f"{flag} {path} is the {name} input: p2p never overwrites its inputs")
         if real in seen:
             raise InputError(f"{seen[real]} and {flag} are the same file ({path}): each output needs its own")
-        for name, source in inputs.items():
-            if source is not None and present(source) and real == source.resolve():   # a loop: one line
-                raise InputError(f"{flag} {path} is the {name} input: p2p never overwrites its inputs")
+        output.check_output(path, kind)
         seen[real] = flag
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file: the same resolved path, or (both there) the same inode."""
+    try:
+        return a.resolve() == b.resolve() or os.path.samefile(a, b)
+    except OSError:          # one of them is not there (yet)
+        return False
 
 
 def device_of(name: str | None) -> str:
@@ -99,7 +115,8 @@ def native_defaults(args, sd=None):
         if default(name):
             setattr(args, name, native)
     h, w = (args.size, args.size) if hasattr(args, "size") else (args.height, args.width)
-    for name, value in {"blend_res": min(h, w) // 32, "res": min(h, w) // 32, "maps_res": min(h, w) // 32,
+    side = max(1, min(h, w) // 32)   # at least 1 below 32 px, so no flag left alone is refused as 0
+    for name, value in {"blend_res": side, "res": side, "maps_res": side,
                         "self_max_tokens": (h // 32) * (w // 32)}.items():
         if default(name):
             setattr(args, name, value)
@@ -110,7 +127,11 @@ def native_defaults(args, sd=None):
 def generate(args, sd=None):
     native_defaults(args, sd)
     sampler.check_size(args.height, args.width, args.steps)
-    check_prompts(load_tokenizer(), args.prompt + [args.negative])   # before the slow load
+    for flag, prompts in (("--prompt", args.prompt), ("--negative", [args.negative])):   # before the slow load
+        try:
+            check_prompts(load_tokenizer(), prompts)
+        except InputError as e:
+            raise InputError(f"{flag}: {e}") from None
     check_outputs({"--out": (args.out, "image"), "--latents-out": (args.latents_out, "tensors")},
                   {"--weights": args.weights})
     sd = sd or load_model(args.weights, args.device, args.dtype, args.prediction)
@@ -123,9 +144,13 @@ def write_generation(sd, prompts: list[str], negative: str, dtype: str, out: Pat
                      **sampling):
     """Sample the prompts from one noise without an edit and write them (`sampling`: seed, steps,
     guidance, height, width, sampler)."""
-    latents = sampler.generate(sd, prompts, negative=negative, **sampling)
-    images = output.to_pil(sampler.decode(sd, latents))
     metadata = {"prompts": text(prompts), "negative": negative, **run_metadata("generate", sd, dtype, **sampling)}
+    size = (sampling["width"], sampling["height"])
+    output.check_image(out, output.row_size([size] * len(prompts), prompts), metadata)   # before the work
+    latents = sampler.generate(sd, prompts, negative=negative, **sampling)
+    decoded = sampler.decode(sd, latents)
+    run.check_finite(f"the sampled latents and images (guidance {sampling['guidance']})", latents, decoded)
+    images = output.to_pil(decoded)
     if latents_out is not None:
         output.save_tensors(latents_out, {"latents": latents}, metadata)
         wrote(latents_out)
@@ -139,19 +164,24 @@ LISTS = ("targets", "word_steps", "blend", "blend_subtract", "reweight")   # rep
 
 
 def read_recipe(path: Path) -> dict:
-    """The experiment record of an earlier result (.png, .jpg, .webp, .safetensors) or a JSON file."""
+    """The experiment record of an earlier result (.png, .jpg, .webp, .safetensors) or a JSON file,
+    its file paths (photo, mask, inversion) taken from the recipe's folder."""
     if not path.is_file():
         raise InputError(f"--recipe {path} does not exist")
     try:
         if path.suffix.lower() == ".json":
             data = json.loads(path.read_text())
-            return data.get("experiment", data) if isinstance(data, dict) else data
-        metadata = output.read_metadata(path)
+            data = data.get("experiment", data) if isinstance(data, dict) else data
+        else:
+            metadata = output.read_metadata(path)
+            if "experiment" not in metadata:
+                raise InputError(f"--recipe {path} holds no experiment record (only `p2p edit` writes one)")
+            data = json.loads(metadata["experiment"])
     except (OSError, ValueError, SafetensorError) as e:
         raise InputError(f"--recipe {path}: cannot read it ({e})") from None
-    if "experiment" not in metadata:
-        raise InputError(f"--recipe {path} holds no experiment record (only `p2p edit` writes one)")
-    return json.loads(metadata["experiment"])
+    if not isinstance(data, dict):
+        raise InputError(f"--recipe {path}: an experiment record is a JSON object, got {type(data).__name__}")
+    return record.anchored(data, path.parent)
 
 
 def record_of(args) -> Experiment:
@@ -168,40 +198,50 @@ def record_of(args) -> Experiment:
 
 
 def record_metadata(r: Experiment) -> dict[str, str]:
-    """Each field on its own (strings as they are, the rest as JSON), and the whole record."""
-    fields = {k: v if isinstance(v, str) else text(v) for k, v in r.to_json().items() if v is not None}
-    return {**fields, "experiment": text(r.to_json())}
+    """Each field on its own (strings as they are, the rest as JSON), and the whole record, its
+    file paths absolute (a --recipe takes relative ones from its own folder)."""
+    data = record.anchored(r.to_json(), os.getcwd())
+    fields = {k: v if isinstance(v, str) else text(v) for k, v in data.items() if v is not None}
+    return {**fields, "experiment": text(data)}
 
 
 def edit(args, sd=None):
     """`p2p edit`: the flags as a record, then edit_record."""
     native_defaults(args, sd)
     edit_record(record_of(args), args.weights, args.out, args.latents_out, args.maps_out, args.maps_res,
-                args.device, args.dtype, sd, args.prediction)
+                args.device, args.dtype, sd, args.prediction, args.recipe)
 
 
 def edit_record(r: Experiment, weights: Path, out: Path, latents_out: Path | None = None,
                 maps_out: Path | None = None, maps_res: int = 16, device: str | None = None,
-                dtype: str = "float32", sd=None, prediction: str | None = None):
-    """Run one record and write its outputs; `sd` is an already loaded model (scripts run many)."""
+                dtype: str = "float32", sd=None, prediction: str | None = None, recipe: Path | None = None):
+    """Run one record (read from `recipe`, if given) and write its outputs; `sd` is an already
+    loaded model (scripts run many)."""
     plan = run.prepare(r, weights, cache_dir=out.parent, store=maps_out is not None, prediction=prediction)
     new_cache = plan.photo.cache if plan.photo is not None and plan.photo.inversion is None else None
     check_outputs({"--out": (out, "image"), "--latents-out": (latents_out, "tensors"),
                    "--maps-out": (maps_out, "image"), "the inversion cache": (new_cache, "tensors")},
                   {"--weights": weights, "--image": r.image and Path(r.image),
-                   "--inversion": r.inversion and Path(r.inversion), "--blend-mask": r.blend_mask and Path(r.blend_mask)})
+                   "--inversion": r.inversion and Path(r.inversion), "--blend-mask": r.blend_mask and Path(r.blend_mask),
+                   "--recipe": recipe})
     architecture = sd or load(weights, "meta", prediction=prediction)   # its layers, before the slow load
     run.check_model(architecture, r)
     if maps_out is not None:
         run.check_resolution(architecture, r.height, r.width, maps_res, "--maps-res")
     sd = sd or load_model(weights, device, dtype, prediction)
-    result = run.run(sd, plan, dtype)
     metadata = {**record_metadata(r), **run_metadata("edit", sd, dtype, r.seed, r.steps, r.guidance, r.sampler,
                                                      r.height, r.width)}
-    row, labels = result.images, r.prompts
-    if result.photo is not None:   # the photo first, then its reconstruction (the source row) and the edits
-        metadata |= {"inversion_method": result.inversion.settings["method"]}
-        row, labels = [result.photo, *row], ["photo", *labels]
+    labels = r.prompts
+    if plan.photo is not None:   # the photo first, then its reconstruction (the source row) and the edits
+        metadata |= {"inversion_method": (plan.photo.inversion or plan.photo).settings["method"]}
+        labels = ["photo", *labels]
+    output.check_image(out, output.row_size([(r.width, r.height)] * len(labels), labels), metadata)
+    if maps_out is not None:   # (its size is known only once drawn)
+        output.check_image(maps_out, None, metadata | {"maps_res": str(maps_res)})
+    result = run.run(sd, plan, dtype)
+    row = result.images
+    if result.photo is not None:
+        row = [result.photo, *row]
         photo.report_latents(result.inversion, result.latents)
     if latents_out is not None:
         output.save_tensors(latents_out, {"latents": result.latents}, metadata)
@@ -257,11 +297,14 @@ def write_maps(sd, prompt: str, res: int, window: tuple[int, int], components: i
         raise InputError(f"--sites {','.join(record.site_text(p, q) for p, q in items)} picks no layer at --res {res}")
     store = edits.AttentionStore(edits.Sites(places=None if items else ("down", "up"), resolutions=(res,),
                                              items=items or None, self=components > 0, steps=window))
-    latents = sampler.generate(sd, [prompt], edit=store, **sampling)
-    images = output.to_pil(sampler.decode(sd, latents))
     metadata = {"prompt": prompt, "res": str(res), "steps_range": f"{window[0]}:{window[1]}",
                 "sites": ",".join(record.site_text(p, q) for p, q in items),
                 "components": str(components), **run_metadata("maps", sd, dtype, **sampling)}
+    output.check_image(out, None, metadata)   # before the work (the grid's size is known once drawn)
+    latents = sampler.generate(sd, [prompt], edit=store, **sampling)
+    decoded = sampler.decode(sd, latents)
+    run.check_finite(f"the sampled latents and image (guidance {sampling['guidance']})", latents, decoded)
+    images = output.to_pil(decoded)
     grid = viz.token_maps_grid(images, [prompt], store, load_tokenizer(), res)
     if components:
         grid = viz.stack([grid, viz.components_grid(viz.self_components(store, res, components))])
@@ -359,6 +402,8 @@ def invert(args):
     image = photo.load(args.image, want)
     sd = load_model(args.weights, args.device, args.dtype, args.prediction)
     inv = photo.invert(sd, image, want)
+    run.check_finite(f"the inversion (guidance {args.guidance})", inv.x_T, inv.z0, inv.null_embeddings,
+                     inv.direct_offsets)
     photo.report(sd, inv, photo.reconstruct(sd, inv))
     inversion.save(args.out, inv, {"dtype": args.dtype, "device": str(sd.device)})
     wrote(args.out)

@@ -5,7 +5,9 @@ file, and through a plain open(), so it gets the permissions the umask gives any
 """
 
 import contextlib
+import errno
 import functools
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -99,14 +101,25 @@ def _wrap(text: str, font: ImageFont.ImageFont, width: int, max_lines: int = MAX
     return lines or [""]
 
 
+def _layout(widths: list[int], labels: list[str]) -> tuple[list, list[list[str]], int]:
+    """The fonts, wrapped lines and line height of a labelled row's labels."""
+    fonts = [_label_font(label) for label in labels]
+    wrapped = [_wrap(label, font, width) for width, label, font in zip(widths, labels, fonts, strict=True)]
+    return fonts, wrapped, max(font.getbbox("Ag")[3] + 4 for font in fonts)
+
+
+def row_size(sizes: list[tuple[int, int]], labels: list[str]) -> tuple[int, int]:
+    """The (width, height) of labelled_row's image for images of these sizes, without drawing it."""
+    _, wrapped, line_height = _layout([w for w, _ in sizes], labels)
+    top = max(h for _, h in sizes) + GAP  # where the labels start
+    return sum(w for w, _ in sizes) + GAP * (len(sizes) - 1), top + line_height * max(map(len, wrapped)) + GAP
+
+
 def labelled_row(images: list[Image.Image], labels: list[str]) -> Image.Image:
     """The images side by side on white, each with its label centred below it."""
-    fonts = [_label_font(label) for label in labels]
-    wrapped = [_wrap(label, font, image.width) for image, label, font in zip(images, labels, fonts, strict=True)]
-    line_height = max(font.getbbox("Ag")[3] + 4 for font in fonts)
-    width = sum(image.width for image in images) + GAP * (len(images) - 1)
+    fonts, wrapped, line_height = _layout([image.width for image in images], labels)
     top = max(image.height for image in images) + GAP  # where the labels start
-    row = Image.new("RGB", (width, top + line_height * max(map(len, wrapped)) + GAP), "white")
+    row = Image.new("RGB", row_size([image.size for image in images], labels), "white")
     draw = ImageDraw.Draw(row)
     x = 0
     for image, lines, font in zip(images, wrapped, fonts):
@@ -133,7 +146,18 @@ def text_tile(text: str, size: tuple[int, int]) -> Image.Image:
 
 def _temp(path: Path) -> Path:
     # A plain name rather than mkstemp, so the result gets the usual umask permissions, not 0600.
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # A name near the file system's limit has no room for the temp's additions: then a short one.
+    name = f".{path.name}.{os.getpid()}.tmp"
+    if len(os.fsencode(name)) > _name_max(path.parent):
+        name = f".p2p-{hashlib.sha256(path.name.encode()).hexdigest()[:16]}.{os.getpid()}.tmp"
+    return path.with_name(name)
+
+
+def _name_max(folder: Path) -> int:
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):   # no such folder (refused later), no pathconf (Windows)
+        return 255
 
 
 def _check_suffix(path: Path, kind: str) -> None:
@@ -155,6 +179,8 @@ def check_output(path: Path, kind: str) -> None:
         raise InputError(f"output directory does not exist: {path.parent}")
     if os.path.isdir(path):  # False, not an error, for a name too long to exist
         raise InputError(f"cannot write {path}: it is a directory")
+    if len(os.fsencode(path.name)) > _name_max(path.parent):   # (the temp file, below, may have a shorter name)
+        raise InputError(f"cannot write {path}: {os.strerror(errno.ENAMETOOLONG)}")
     # Create and delete the writer's own temp file: root passes os.access even where writes fail.
     temp = _temp(path)
     try:
@@ -194,6 +220,22 @@ def save_png(path: Path, image: Image.Image, metadata: dict[str, str]) -> None:
     _write_atomically(path, lambda temp: image.save(temp, format="PNG", pnginfo=info))
 
 
+def check_image(path: Path, size: tuple[int, int] | None, metadata: dict[str, str]) -> None:
+    """What save_image would refuse in an image of `size` (width, height; None: not known yet) with
+    this metadata: a WebP past libwebp's side, a JPEG whose metadata overflows its comment. The
+    commands call it before sampling, so that no work is lost to it."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".webp" and size is not None and max(size) > WEBP_MAX_SIDE:
+        raise InputError(f"cannot write {path}: {size[0]}x{size[1]} pixels is past WebP's limit of {WEBP_MAX_SIDE} "
+                         "a side; name it .png")
+    if suffix in (".jpg", ".jpeg"):
+        comment = len(json.dumps(metadata, ensure_ascii=False).encode())
+        if comment > JPEG_COMMENT_MAX:
+            raise InputError(f"cannot write {path}: {comment} bytes of metadata do not fit a JPEG comment "
+                             f"({JPEG_COMMENT_MAX} at most); name it .png")
+
+
 def save_image(path: Path, image: Image.Image, metadata: dict[str, str]) -> None:
     """Write `image` in the format its suffix names, with the metadata, atomically.
 
@@ -203,21 +245,16 @@ def save_image(path: Path, image: Image.Image, metadata: dict[str, str]) -> None
     """
     path = Path(path)
     _check_suffix(path, "image")
+    check_image(path, image.size, metadata)
     suffix = path.suffix.lower()
     if suffix == ".png":
         save_png(path, image, metadata)
     elif suffix == ".webp":
-        if max(image.size) > WEBP_MAX_SIDE:
-            raise InputError(f"cannot write {path}: {image.width}x{image.height} pixels is past WebP's "
-                             f"limit of {WEBP_MAX_SIDE} a side; name it .png")
         exif = Image.Exif()
         exif[EXIF_IMAGE_DESCRIPTION] = json.dumps(metadata)
         _write_atomically(path, lambda temp: image.save(temp, format="WEBP", lossless=True, exif=exif))
     else:
         comment = json.dumps(metadata, ensure_ascii=False).encode()
-        if len(comment) > JPEG_COMMENT_MAX:
-            raise InputError(f"cannot write {path}: {len(comment)} bytes of metadata do not fit a JPEG "
-                             f"comment ({JPEG_COMMENT_MAX} at most); name it .png")
         _write_atomically(path, lambda temp: image.convert("RGB").save(
             temp, format="JPEG", quality=JPEG_QUALITY, comment=comment))
 

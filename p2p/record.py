@@ -9,11 +9,13 @@ own metadata for `--recipe`), written whole into every output's metadata, and ru
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 
 from models import InputError
 
 MAX_SEED = 2 ** 64 - 1                     # torch.Generator.manual_seed's range
+FLOAT32_MAX = 3.4028234663852886e38         # a scale past it overflows the float32 tensor it goes into
 MODES = ("replace", "refine", "reweight")
 SAMPLERS = ("ddim", "plms")                # p2p/sampler.py's
 MAPPERS = ("aligned", "official")          # p2p/align.py's replace mappers
@@ -104,6 +106,20 @@ def fraction(value) -> float:
     value = number(value)
     if not 0 <= value <= 1:
         raise ValueError(f"a fraction of the steps lies in [0, 1], got {value}")
+    return value
+
+
+def unit(value) -> float:
+    value = number(value)
+    if not 0 <= value <= 1:
+        raise ValueError(f"must lie in [0, 1], got {value}")
+    return value
+
+
+def scale(value) -> float:
+    value = number(value)
+    if abs(value) > FLOAT32_MAX:
+        raise ValueError(f"must lie within +-3.4e38 (float32's range), got {value}")
     return value
 
 
@@ -208,15 +224,24 @@ def site_text(place: str, side) -> str:
 CHECKS = {
     "source": text, "targets": texts, "mode": choice(MODES), "cross_steps": window,
     "word_steps": lambda v: mapping(v, window), "self_steps": window,
-    "self_max_tokens": lambda v: integer(v, 0), "blend": word_lists, "blend_threshold": number,
+    "self_max_tokens": lambda v: integer(v, 0), "blend": word_lists, "blend_threshold": unit,
     "blend_res": lambda v: integer(v, 1), "blend_start": fraction, "blend_subtract": word_lists, "blend_mask": optional(text),
-    "reweight": lambda v: mapping(v, number), "replace_mapper": choice(MAPPERS), "sampler": choice(SAMPLERS),
+    "reweight": lambda v: mapping(v, scale), "replace_mapper": choice(MAPPERS), "sampler": choice(SAMPLERS),
     "seed": lambda v: integer(v, 0, MAX_SEED), "steps": lambda v: integer(v, 1, 1000), "guidance": number,
     "height": lambda v: integer(v, 8), "width": lambda v: integer(v, 8), "image": optional(text),
     "inversion": optional(text), "method": choice(METHODS), "inner_steps": lambda v: integer(v, 1),
     "offsets": offsets, "cross_sites": sites, "self_sites": sites,
 }
 assert CHECKS.keys() == FIELDS.keys()
+
+
+PATHS = ("image", "blend_mask", "inversion")   # the fields that name files
+
+
+def anchored(data: dict, folder) -> dict:
+    """JSON record fields with their relative file paths taken from `folder` (a recipe's), all absolute."""
+    return {k: os.path.abspath(os.path.join(folder, v)) if k in PATHS and isinstance(v, str) else v
+            for k, v in data.items()}
 
 
 def name(field: str, where: str | None) -> str:

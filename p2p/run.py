@@ -111,6 +111,14 @@ def check_sites(sd, height: int, width: int, items, is_cross: bool, what: str, m
                              f"self_max_tokens (--self-max-tokens) of {max_tokens}, so nothing would be injected")
 
 
+def check_finite(what: str, *tensors):
+    """Refuse results holding nan or inf before anything is written: they would be a black image
+    and a latents file of nan, with nothing said."""
+    if not all(torch.isfinite(t).all() for t in tensors if t is not None):
+        raise InputError(f"{what} came out nan or inf, so nothing was written (a guidance too large, or weights "
+                         "holding nan or inf)")
+
+
 @dataclass
 class Result:
     record: Experiment
@@ -140,6 +148,8 @@ def run(sd, plan: Plan, dtype: str = "float32", progress: bool = True) -> Result
         start = inv.start()
     latents = sampler.generate(sd, record.prompts, record.seed, record.steps, record.guidance, record.height,
                                record.width, edit=plan.edit, sampler=record.sampler, progress=progress, **start)
-    images = output.to_pil(sampler.decode(sd, latents))
+    decoded = sampler.decode(sd, latents)
+    check_finite(f"the sampled latents and images (guidance {record.guidance})", latents, decoded)
+    images = output.to_pil(decoded)
     shown = output.to_pil(plan.photo.image, truncate=False)[0] if plan.photo is not None else None
     return Result(record, latents, images, plan.edit, inv, shown)

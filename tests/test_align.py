@@ -32,6 +32,30 @@ def test_word_tokens_empty_word_has_no_tokens():
     assert word_tokens(TOK, "a  cat") == [[1], [], [2]]          # split(" ") gives "a", "", "cat"
 
 
+@pytest.mark.parametrize("prompt, words", [
+    # "c#t" is c, #, t (ids 322, 258, 339). The authors' get_word_inds counts the characters of each
+    # decoded token with "#" stripped, so "#" counts 0: it gives "c#t" [2, 3, 4, 5], "riding" [6, 7],
+    # and the last two words nothing.
+    ("a c#t riding a bike", [[1], [2, 3, 4], [5], [6], [7]]),
+    # "cafe" + a combining acute is one token, café (15304, as "caf\u00e9"): the tokenizer composes
+    # it, so its decoded length is 4 and the word's 5; theirs gives "cafe\u0301" [2, 3], "on" [4, 5].
+    ("a cafe\u0301 on a street", [[1], [2], [3], [4], [5]]),
+    # three combining graves on x: x then six byte tokens, each decoded as one U+FFFD; theirs runs
+    # past the last word and raises IndexError
+    ("a x\u0300\u0300\u0300 y", [[1], [2, 3, 4, 5, 6, 7, 8], [9]]),
+    # two spaces: split(" ") has an empty word of no tokens; theirs gives it "cat"'s token, and "a" [4, 5]
+    ("a  cat riding a bike", [[1], [], [2], [3], [4], [5]]),
+])
+def test_word_tokens_are_each_words_own_tokens_where_the_authors_split_differs(prompt, words):
+    """Each word's indices hold exactly the tokens it has alone (CLIP splits on whitespace before
+    BPE), where the authors' character counting drifts; so --replace-mapper official, built on
+    our split, differs from their exact mapper for such prompts."""
+    assert word_tokens(TOK, prompt) == words
+    ids = TOK(prompt).input_ids
+    for word, indices in zip(prompt.split(" "), words):
+        assert [ids[i] for i in indices] == TOK(word).input_ids[1:-1]
+
+
 def test_token_indices_every_occurrence_and_by_number():
     assert token_indices(TOK, CAT, "a") == [1, 4]
     assert token_indices(TOK, CAT, 4) == [5]

@@ -1,6 +1,7 @@
 """Regressions from a new-user pass over the CLI (issue 7): each drives `p2p` and checks the exit
 code, that the error is one line with no traceback, and that no file is left behind or changed."""
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -350,3 +351,162 @@ def test_the_light_cli_names_what_the_library_has():
     """cli.py keeps its choices without importing torch: they must stay the library's."""
     from p2p import cli, commands
     assert cli.METHODS == inversion.METHODS and cli.DTYPES == tuple(commands.DTYPES)
+
+
+# ---- issue 16: hardening 2 -------------------------------------------------------------------
+
+def failed_after_sampling(capsys, folder, argv, words):
+    """Run `p2p argv`, which fails after its work (progress bars on stderr before the error): exit
+    2, the error the last line of stderr, no traceback, `folder` unchanged."""
+    before = files(folder)
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]
+    assert code == 2 and line.startswith(f"p2p {argv[0]}: error:") and words in line and "Traceback" not in err, err
+    assert files(folder) == before
+    return line
+
+
+@pytest.mark.parametrize("text", ['[1, 2]', '"a cat"', '{"experiment": [1]}'])
+def test_a_recipe_that_is_not_a_json_object_is_one_line(text, tiny_file, tmp_path, capsys):
+    (tmp_path / "r.json").write_text(text)
+    refused(capsys, tmp_path, ["edit", "--weights", tiny_file, "--recipe", tmp_path / "r.json",
+                               "--out", tmp_path / "e.png"], "an experiment record is a JSON object")
+
+
+@pytest.mark.parametrize("scale", ["1e39", "-1e308"])
+def test_reweight_scales_past_float32_are_one_line(scale, tiny_file, tmp_path, capsys):
+    refused(capsys, tmp_path, ["edit", "--weights", tiny_file, "--source", CAT, "--target", CAT, "--mode",
+                               "reweight", "--reweight", f"cat={scale}", *FAST, "--out", tmp_path / "e.png"],
+            "--reweight: must lie within +-3.4e38")
+
+
+@pytest.mark.parametrize("threshold", ["2", "-0.1"])
+def test_blend_thresholds_outside_0_1_are_refused(threshold, tiny_file, tmp_path, capsys):
+    refused(capsys, tmp_path, ["edit", "--weights", tiny_file, "--source", CAT, "--target", DOG, "--mode", "replace",
+                               "--blend", "cat", "dog", "--blend-res", 8, "--blend-threshold", threshold, *FAST,
+                               "--out", tmp_path / "e.png"], "--blend-threshold: must lie in [0, 1]")
+
+
+def test_no_output_lands_on_a_file_of_a_weights_folder_or_on_a_link_to_an_input(tiny_file, tiny_folder, photo,
+                                                                                tmp_path, capsys):
+    weights = tmp_path / "w"
+    shutil.copytree(tiny_folder, weights)
+    unet = weights / "unet" / "diffusion_pytorch_model.safetensors"
+    generate = ["generate", "--weights", weights, "--prompt", CAT, *FAST]
+    refused(capsys, tmp_path, [*generate, "--out", tmp_path / "g.png", "--latents-out", unet],
+            "is inside the --weights folder")
+    refused(capsys, tmp_path, [*generate, "--out", weights / "vae" / "new.png"], "is inside the --weights folder")
+    os.link(unet, tmp_path / "hard.safetensors")
+    (tmp_path / "soft.safetensors").symlink_to(unet)
+    for link in ("hard.safetensors", "soft.safetensors"):
+        refused(capsys, tmp_path, [*generate, "--out", tmp_path / "g.png", "--latents-out", tmp_path / link],
+                "is inside the --weights folder")
+    os.link(tiny_file, tmp_path / "tiny-link.safetensors")
+    refused(capsys, tmp_path, ["generate", "--weights", tiny_file, "--prompt", CAT, *FAST, "--out", tmp_path / "g.png",
+                               "--latents-out", tmp_path / "tiny-link.safetensors"], "is the --weights input")
+    refused(capsys, tmp_path, ["maps", "--weights", weights, "--prompt", CAT, *FAST, "--res", 8,
+                               "--out", weights / "text_encoder" / "maps.png"], "is inside the --weights folder")
+    refused(capsys, tmp_path, ["invert", "--weights", weights, "--image", photo, "--prompt", SQUARE, "--method",
+                               "ddim", "--steps", 2, "--size", 64, "--out", unet], "is inside the --weights folder")
+    mask = tmp_path / "mask.png"
+    Image.new("L", (64, 64), 255).save(mask)
+    refused(capsys, tmp_path, ["edit", "--weights", tiny_file, "--source", CAT, "--target", DOG, "--mode", "replace",
+                               "--blend-mask", mask, *FAST, "--out", tmp_path / "e.png", "--maps-out", mask],
+            "is the --blend-mask input")
+
+
+def test_a_recipe_is_an_input_its_rerun_never_overwrites(tiny_file, tmp_path, capsys):
+    ok(capsys, "edit", "--weights", tiny_file, "--source", CAT, "--target", DOG, "--mode", "replace", *FAST,
+       "--out", tmp_path / "r.png", "--latents-out", tmp_path / "r.safetensors")
+    for flag, recipe in (("--out", "r.png"), ("--latents-out", "r.safetensors")):
+        refused(capsys, tmp_path, ["edit", "--weights", tiny_file, "--recipe", tmp_path / recipe, "--out",
+                                   tmp_path / ("x.png" if flag != "--out" else recipe),
+                                   *([flag, tmp_path / recipe] if flag != "--out" else [])],
+                f"{flag} {tmp_path / recipe} is the --recipe input")
+
+
+def nan_weights(tiny_file, tmp_path) -> Path:
+    """The tiny checkpoint with nan in the UNet's output convolution."""
+    tensors = load_file(tiny_file)
+    key = "model.diffusion_model.out.2.weight"
+    tensors[key] = torch.full_like(tensors[key], float("nan"))
+    path = tmp_path / "nan" / "nan.safetensors"
+    path.parent.mkdir()
+    save_file(tensors, path)
+    return path
+
+
+def test_results_that_are_nan_are_refused_with_nothing_written(tiny_file, photo, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    words = "came out nan or inf, so nothing was written"
+    huge = ["--guidance", "1e30"]
+    failed_after_sampling(capsys, tmp_path, ["generate", "--weights", tiny_file, "--prompt", CAT, *FAST, *huge,
+                                             "--out", out / "g.png", "--latents-out", out / "g.safetensors"], words)
+    failed_after_sampling(capsys, tmp_path, ["edit", "--weights", tiny_file, "--source", CAT, "--target", DOG,
+                                             "--mode", "replace", *FAST, *huge, "--out", out / "e.png",
+                                             "--latents-out", out / "e.safetensors"], words)
+    failed_after_sampling(capsys, tmp_path, ["maps", "--weights", tiny_file, "--prompt", CAT, *FAST, *huge,
+                                             "--res", 8, "--out", out / "m.png"], words)
+    failed_after_sampling(capsys, tmp_path, ["invert", "--weights", tiny_file, "--image", photo, "--prompt", SQUARE,
+                                             "--method", "null-text", "--inner-steps", 1, "--steps", 2, "--size",
+                                             64, *huge, "--out", out / "i.safetensors"], words)
+    nan = nan_weights(tiny_file, tmp_path)
+    failed_after_sampling(capsys, tmp_path, ["generate", "--weights", nan, "--prompt", CAT, *FAST,
+                                             "--out", out / "g.png"], words)
+    failed_after_sampling(capsys, tmp_path, ["invert", "--weights", nan, "--image", photo, "--prompt", SQUARE,
+                                             "--method", "ddim", "--steps", 2, "--size", 64,
+                                             "--out", out / "i.safetensors"], words)
+    assert list(out.iterdir()) == []
+
+
+def test_messages_name_the_flag_given_or_left_alone(tiny_folder, tiny_file, tmp_path, capsys):
+    native_768 = tmp_path / "w768"
+    shutil.copytree(tiny_folder, native_768)
+    config = native_768 / "unet" / "config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"sample_size": 96}))
+    from models.checkpoint import load
+    assert load(native_768, "meta").native_size == 768
+    # --blend-res was left alone: its default (the side // 32, 0 at 8 px) is no error of the user's
+    ok(capsys, "edit", "--weights", native_768, "--source", CAT, "--target", DOG, "--mode", "replace",
+       "--steps", 1, "--height", 8, "--width", 8, "--out", tmp_path / "e.png")
+    refused(capsys, tmp_path, ["generate", "--weights", tiny_file, "--prompt", CAT, "--negative", "cat " * 76, *FAST,
+                               "--out", tmp_path / "g.png"], "--negative: prompt has 76 tokens")
+    refused(capsys, tmp_path, ["edit", "--weights", tiny_file, "--source", CAT, "--target", DOG, "--mode", "replace",
+                               "--cross-steps", "0:0.5:1", *FAST, "--out", tmp_path / "x.png"],
+            "--cross-steps: not a step window: '0:0.5:1' has 3 parts (use F or START:END)")
+
+
+def test_recipe_paths_resolve_against_the_recipes_folder(tiny_file, tmp_path, capsys, monkeypatch):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))
+    mask.save(runs / "left.png")
+    (runs / "r.json").write_text(json.dumps({"source": CAT, "targets": [DOG], "mode": "replace", "steps": 2,
+                                             "height": 64, "width": 64, "blend_mask": "left.png"}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    ok(capsys, "edit", "--weights", tiny_file, "--recipe", runs / "r.json", "--out", runs / "a.png")
+    written = json.loads(Image.open(runs / "a.png").text["experiment"])
+    assert written["blend_mask"] == str(runs / "left.png")   # absolute, so its own re-run finds it from anywhere
+    monkeypatch.chdir(tmp_path)
+    ok(capsys, "edit", "--weights", tiny_file, "--recipe", runs / "a.png", "--out", tmp_path / "b.png")
+
+
+def test_an_output_name_near_the_file_systems_limit_is_written(tiny_file, tmp_path, capsys):
+    out = tmp_path / ("g" * 251 + ".png")   # 255 bytes: no room for the temp name's dot, pid and .tmp
+    ok(capsys, "generate", "--weights", tiny_file, "--prompt", CAT, *FAST, "--out", out)
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
+def test_image_formats_limits_are_checked_before_sampling(tiny_file, tmp_path, capsys):
+    # two 8192 px wide images side by side pass WebP's 16383 pixels a side
+    refused(capsys, tmp_path, ["generate", "--weights", tiny_file, "--prompt", CAT, "--prompt", DOG, "--steps", 2,
+                               "--height", 64, "--width", 8192, "--out", tmp_path / "g.webp"], "past WebP's limit")
+    long = " ".join(["photograph"] * 75)   # 75 tokens, each target twice in the record: past a JPEG comment
+    targets = [a for i in range(50) for a in ("--target", long.replace("photograph", "picture", i))]
+    refused(capsys, tmp_path, ["edit", "--weights", tiny_file, "--source", long, *targets, "--mode", "refine",
+                               *FAST, "--out", tmp_path / "e.jpg"], "do not fit a JPEG comment")
