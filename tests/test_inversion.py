@@ -130,18 +130,33 @@ def test_null_text_reconstructs_better_than_ddim_inversion(tiny, photo):
     assert mse["null-text"] < 0.8 * mse["ddim"]
 
 
-def test_identity_edit_reproduces_the_reconstruction_exactly(tiny, inverted):
+def test_identity_edit_reproduces_the_reconstruction(tiny, inverted):
+    """Target == source: the target row is the reconstruction, up to what batch size and position
+    alone do to a row: torch's CPU kernels (SDPA, even nn.Linear) round a row differently by its
+    place in the batch and the batch's size, depending on the thread count, and the edit runs
+    source and target rows through kernel calls of other batch shapes than a plain generate.
+    The floor is measured here on plain sampling of the same inversion, no edit: a row of [p, p]
+    against the other and against [p] alone. Measured (threads: floor, identity edit's rows apart):
+    1: 5.6e-5, 0; 2: 5.2e-5, 4.1e-5; 3: 6.1e-5, 5.4e-5; 4: 8.4e-5, 3.9e-5 (up to 1.05x the floor on
+    another inversion). The factor 4 leaves room for the 3 steps' amplification; a real edit of one
+    word moves the target row 1e-2 or more."""
     inv, tok = inversion.read(inverted), tiny.text.tokenizer
+    start = dict(steps=3, height=64, width=64, x_T=inv.x_T, null_embeddings=inv.null_embeddings, progress=False)
 
     def edit_to(target):
         prompts = [SQUARE, target]
-        edit = edits.PromptToPrompt(tok, prompts, 3, cross=edits.Replace(tok, prompts))
-        return sampler.generate(tiny, prompts, steps=3, height=64, width=64, edit=edit, x_T=inv.x_T,
-                                null_embeddings=inv.null_embeddings, progress=False)
+        return sampler.generate(tiny, prompts, edit=edits.PromptToPrompt(tok, prompts, 3, cross=edits.Replace(tok, prompts)),
+                                **start)
 
+    pair, alone = sampler.generate(tiny, [SQUARE, SQUARE], **start), sampler.generate(tiny, [SQUARE], **start)[0]
+    floor = max((pair[0] - pair[1]).abs().max(), (pair[0] - alone).abs().max(), (pair[1] - alone).abs().max()).item()
     same, blue = edit_to(SQUARE), edit_to("a blue square")
-    assert torch.equal(same[0], same[1])          # target == source: the reconstruction, bit for bit
-    assert torch.equal(same[0], blue[0]) and not torch.equal(blue[0], blue[1])   # row 0 is never edited
+    error = (same[0] - same[1]).abs().max().item()
+    print(f"{torch.get_num_threads()} threads: identity edit's rows {error:.3g} apart, batch floor {floor:.3g}")
+    assert error <= 4 * floor, f"the identity edit's rows are {error:.3g} apart, batch shape alone makes {floor:.3g}"
+    assert (blue[1] - blue[0]).abs().max() > 1e-2                                  # a real edit moves the target
+    # row 0 is never edited: the same arithmetic on the same batch shape, whatever row 1 holds
+    assert torch.equal(same[0], blue[0])
 
 
 # ---- the inversion file and the commands ------------------------------------------------
