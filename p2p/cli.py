@@ -168,7 +168,7 @@ def add_sampling_args(p: argparse.ArgumentParser):
 def add_inversion_args(p: argparse.ArgumentParser):
     p.add_argument("--method", choices=METHODS, default="null-text", help="inversion: null-text "
                    "(optimised, slow), negative-prompt (no optimisation), plain ddim, or direct (DDIM inversion "
-                   "plus per-step offsets that put the source row back on the photo; default null-text)")
+                   "whose trajectory the edit's source row follows back to the photo; default null-text)")
     p.add_argument("--inner-steps", type=at_least(1), default=10, help="null-text: Adam steps per DDIM step "
                    "at most (default 10)")
     p.add_argument("--offsets", default="0,0,0,0", metavar="L,R,T,B", help="pixels to crop off the photo's "
@@ -253,7 +253,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=at_least(8), default=512, help="model image size: the photo is "
                    "centre-cropped to a square and resized to it (default 512)")
     p.add_argument("--out", type=Path, required=True, help="safetensors: x_T, z0, null_embeddings or "
-                   "direct_offsets, settings")
+                   "trajectory, settings")
 
     p = commands.add_parser("maps", help="per-token cross-attention maps over the generated image")
     add_model_args(p)
