@@ -172,7 +172,7 @@ def add_sampling_args(p: argparse.ArgumentParser):
 def add_inversion_args(p: argparse.ArgumentParser):
     p.add_argument("--method", choices=METHODS, default="null-text", help="inversion: null-text "
                    "(optimised, slow), negative-prompt (no optimisation), plain ddim, or direct (DDIM inversion "
-                   "plus per-step offsets that put the source row back on the photo; default null-text)")
+                   "whose trajectory the edit's source row follows back to the photo; default null-text)")
     p.add_argument("--inner-steps", type=at_least(1), default=10, help="null-text: Adam steps per DDIM step "
                    "at most (default 10)")
     p.add_argument("--offsets", default="0,0,0,0", metavar="L,R,T,B", help="pixels to crop off the photo's "
@@ -222,7 +222,8 @@ def parser() -> argparse.ArgumentParser:
                    help="local blend: remove these words' regions from the mask; one comma-separated list "
                    "per prompt, source first (the null-text notebook's substruct_words)")
     p.add_argument("--blend-mask", type=Path, metavar="MASK", help="local blend inside a region you drew instead "
-                   "of words' attention: an image whose bright pixels (> 127) mark it, resized to the latents")
+                   "of words' attention: an image whose bright pixels (> 127) mark it, resized to the latents; where it has "
+                   "alpha, transparent pixels are outside")
     p.add_argument("--replace-mapper", choices=["aligned", "official"], default="aligned",
                    help="replace: aligned (default) keeps the tokens after a swapped word aligned; official "
                    "is the authors' mapper, which shifts them when the swapped words' token counts differ (on our "
@@ -261,7 +262,7 @@ def parser() -> argparse.ArgumentParser:
                    "centre-cropped to a square and resized to it (default: the model's native size, 512, or 768 for SD 2 at "
                    "768 px)")
     p.add_argument("--out", type=Path, required=True, help="safetensors: x_T, z0, null_embeddings or "
-                   "direct_offsets, settings")
+                   "trajectory, settings")
 
     p = commands.add_parser("maps", help="per-token cross-attention maps over the generated image")
     add_model_args(p)

@@ -218,6 +218,7 @@ def edit_record(r: Experiment, weights: Path, out: Path, latents_out: Path | Non
     """Run one record (read from `recipe`, if given) and write its outputs; `sd` is an already
     loaded model (scripts run many)."""
     plan = run.prepare(r, weights, cache_dir=out.parent, store=maps_out is not None, prediction=prediction)
+    r = plan.record   # with the settings a given inversion file fixes, so the outputs record what was run
     new_cache = plan.photo.cache if plan.photo is not None and plan.photo.inversion is None else None
     check_outputs({"--out": (out, "image"), "--latents-out": (latents_out, "tensors"),
                    "--maps-out": (maps_out, "image"), "the inversion cache": (new_cache, "tensors")},
@@ -388,8 +389,8 @@ def sites(args):
 
 def invert(args):
     native_defaults(args)
-    sampler.check_size(args.size, args.size, args.steps)
-    photo.check_settings(args.method, args.steps, args.size)
+    sampler.check_size(args.size, args.size, args.steps, "--size")
+    photo.check_settings(args.method, args.steps, args.size, "--size")
     check_prompts(load_tokenizer(), [args.prompt])
     check_outputs({"--out": (args.out, "tensors")}, {"--weights": args.weights, "--image": args.image})
     try:

@@ -3,13 +3,14 @@ negative-prompt inversion (Miyake et al., 2023), direct inversion (Ju et al., 20
 Inversion"), and the inversion file.
 
 An inversion finds where the sampler must start (x_T) and what the unconditional half of
-guidance must see at each step (the null embeddings), or what to add to the source row
-after each step (direct inversion's offsets), so that sampling the source prompt gives
+guidance must see at each step (the null embeddings), or where the source row must be after
+each step (direct inversion: the DDIM trajectory), so that sampling the source prompt gives
 the photo back; Prompt-to-Prompt then edits from there. Letters: h w latent size
 (image size / 8), m = 77 tokens, D the text width (768 in SD v1).
 """
 import hashlib
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,22 +31,35 @@ from .sampler import guidance_batch
 
 MIN_SIZE = 64          # 8x8 latents: the UNet's three stride-2 convs take them down to 1x1
 METHODS = ("null-text", "negative-prompt", "ddim", "direct")
-GUIDED = ("null-text", "direct")   # methods whose tensors hold only at the guidance they were made for
+GUIDED = ("null-text",)   # methods whose tensors hold only at the guidance they were made for
 MAX_NULL_TEXT_STEPS = 100   # the learning rate 1e-2 * (1 - i/100) reaches 0 at outer step 100
 EARLY_STOP, EARLY_STOP_SLOPE = 1e-5, 2e-5   # stop the inner loop below 1e-5 + i * 2e-5 (official)
 
 
 # ---- the photo -------------------------------------------------------------------------
 
+def open_image(path: Path, what: str) -> Image.Image:
+    """The image file, read whole, or a one-line error naming it as `what` (e.g. "blend mask PATH").
+    Past Pillow's MAX_IMAGE_PIXELS (89 million) it warns and past twice that it raises: either way
+    the file claims more pixels than a photo to edit needs, as a decompression bomb does."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()
+            return image
+    except FileNotFoundError:
+        raise InputError(f"{what} does not exist") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise InputError(f"{what} is too large to read: {e}") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise InputError(f"cannot read {what} as an image ({e})") from None
+
+
 def load_image(path: Path, size: int, offsets=(0, 0, 0, 0)) -> torch.Tensor:
     """Read, crop `offsets` (left, right, top, bottom) pixels off, centre-crop to a square and
     resize: [1, 3, size, size] in [-1, 1]. Unlike the official notebook, offsets are not clamped."""
-    try:
-        image = ImageOps.exif_transpose(Image.open(path))   # phone photos are stored rotated
-    except FileNotFoundError:
-        raise InputError(f"{path} does not exist") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise InputError(f"cannot read {path} as an image ({e})") from None
+    image = ImageOps.exif_transpose(open_image(path, str(path)))   # phone photos are stored rotated
     if image.mode.startswith("I"):   # 16-bit greyscale: convert("RGB") would clip it to white
         image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
     image = image.convert("RGB")     # greyscale, palette, CMYK; RGBA loses its alpha, as the official [:, :, :3]
@@ -151,29 +165,22 @@ def negative_prompt_inversion(cond, steps: int) -> torch.Tensor:
     return cond.float().expand(steps, -1, -1)
 
 
-@torch.no_grad()
-def direct_offsets(sd: StableDiffusion, trajectory: list[torch.Tensor], cond, null, guidance: float = 7.5,
-                   progress: bool = True) -> torch.Tensor:
-    """[steps, 4, h, w], noisiest first: o_i = z*_{t-1} - DDIM step(z*_t, guided eps at z*_t).
-    Guided DDIM from z*_T that adds o_i after step i retraces `trajectory` to z0 (Ju et al.'s
-    direct inversion). Each step starts at stepped + o_i: z*_{t-1}, rounded as the sampler will
-    round it, so sampling the source prompt alone lands on these very points."""
-    steps, offsets, x = len(trajectory) - 1, [], trajectory[-1]
-    bar = tqdm(ddim.schedule(steps), desc="direct offsets", disable=not progress, leave=None, file=sys.stderr)
-    for i, (t, alpha_t, alpha_prev) in enumerate(bar):
-        stepped = ddim.ddim_step(x, guided_eps(sd, x, t, cond, null, guidance), alpha_t, alpha_prev)[0]
-        offsets.append(trajectory[steps - i - 1] - stepped)
-        x = stepped + offsets[-1]
-    return torch.cat(offsets)
+def direct_trajectory(trajectory: list[torch.Tensor]) -> torch.Tensor:
+    """[steps, 4, h, w], noisiest first: z*_{t-1}, where sampling step i must leave the source row.
+    Ju et al. add o_i = z*_{t-1} - DDIM step(z*_t, guided eps) to the source row after step i;
+    since the row was at z*_t, that puts it on z*_{t-1} exactly. Setting the row to z*_{t-1} is the
+    same in exact arithmetic and, in floats, holds in an edit's batch too: the UNet rounds differently
+    at another batch size, and the guided steps amplify that (15x a step on the tiny test model)."""
+    return torch.cat(trajectory[-2::-1])
 
 
 def invert(sd: StableDiffusion, z0, prompt: str, method: str = "null-text", steps: int = 50,
            guidance: float = 7.5, inner_steps: int = 10, progress: bool = True):
-    """(x_T [1, 4, h, w], null embeddings [steps, m, D] or None, direct offsets [steps, 4, h, w] or None):
-    what sampler.generate takes as x_T, null_embeddings and source_offsets.
+    """(x_T [1, 4, h, w], null embeddings [steps, m, D] or None, the source row's path [steps, 4, h, w]
+    or None): what sampler.generate takes as x_T, null_embeddings and source_trajectory.
 
     | method      | "null-text", "negative-prompt", "ddim" or "direct"               |
-    | guidance    | the scale the photo will be sampled (and edited) at              |
+    | guidance    | the scale the photo will be edited at (null-text optimises for it) |
     | inner_steps | Adam steps per outer step at most (null-text only)               |
     """
     if method not in METHODS:
@@ -184,7 +191,7 @@ def invert(sd: StableDiffusion, z0, prompt: str, method: str = "null-text", step
     if method == "ddim":
         return trajectory[-1], None, None
     if method == "direct":
-        return trajectory[-1], None, direct_offsets(sd, trajectory, cond, null, guidance, progress)
+        return trajectory[-1], None, direct_trajectory(trajectory)
     if method == "negative-prompt":
         return trajectory[-1], negative_prompt_inversion(cond, steps), None
     return trajectory[-1], null_text_inversion(sd, trajectory, cond, null, guidance, inner_steps, progress), None
@@ -198,12 +205,12 @@ class Inversion:
     x_T: torch.Tensor                      # [1, 4, h, w]
     z0: torch.Tensor                       # [1, 4, h, w]
     null_embeddings: torch.Tensor | None   # [steps, m, D]; None for "ddim" and "direct" (the "" embedding)
-    direct_offsets: torch.Tensor | None    # [steps, 4, h, w], added to the source row; "direct" only
+    trajectory: torch.Tensor | None        # [steps, 4, h, w], the source row after each step; "direct" only
     settings: dict[str, str]
 
     def start(self) -> dict:
         """sampler.generate's keyword arguments that sample from this inversion."""
-        return {"x_T": self.x_T, "null_embeddings": self.null_embeddings, "source_offsets": self.direct_offsets}
+        return {"x_T": self.x_T, "null_embeddings": self.null_embeddings, "source_trajectory": self.trajectory}
 
 
 # what an inversion depends on; a cached one is reused only when every entry matches
@@ -214,7 +221,7 @@ SETTINGS = ("prompt", "method", "steps", "guidance", "inner_steps", "size", "che
 def save(path: Path, inv: Inversion, extra: dict[str, str] | None = None):
     """Write the inversion file; `extra` metadata (dtype, device) is recorded but never matched."""
     tensors = {"x_T": inv.x_T, "z0": inv.z0, "null_embeddings": inv.null_embeddings,
-               "direct_offsets": inv.direct_offsets}
+               "trajectory": inv.trajectory}
     tensors = {k: v for k, v in tensors.items() if v is not None}
     save_tensors(path, tensors, {**(extra or {}), **inv.settings, "software": "p2p invert"})
 
@@ -228,7 +235,10 @@ def read(path: Path) -> Inversion:
             settings, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise InputError(f"cannot read {path} as a safetensors file ({e})") from None
-    needs = {"ddim": (), "direct": ("direct_offsets",)}.get(settings.get("method"), ("null_embeddings",))
+    if "direct_offsets" in tensors:
+        raise InputError(f"{path} holds direct inversion offsets, which an older p2p made; this one keeps "
+                         "the DDIM trajectory instead: invert again")
+    needs = {"ddim": (), "direct": ("trajectory",)}.get(settings.get("method"), ("null_embeddings",))
     missing = [k for k in SETTINGS if k not in settings] + [k for k in ("x_T", "z0", *needs) if k not in tensors]
     if missing == ["checkpoint_fingerprint"]:
         raise InputError(f"{path} was made by an older p2p that did not fingerprint the weights: invert again")
@@ -237,8 +247,8 @@ def read(path: Path) -> Inversion:
     settings.setdefault("prediction", "epsilon")          # files made before SD 2 was supported
     steps, size = int(settings["steps"]), int(settings["size"].split("x")[0])
     latent = (4, size // 8, size // 8)
-    null, offsets = tensors.get("null_embeddings"), tensors.get("direct_offsets")
+    null, pins = tensors.get("null_embeddings"), tensors.get("trajectory")
     if (tensors["x_T"].shape != (1, *latent) or (null is not None and null.shape[0] != steps)
-            or (offsets is not None and offsets.shape != (steps, *latent))):
+            or (pins is not None and pins.shape != (steps, *latent))):
         raise InputError(f"{path}: tensor shapes do not match its {settings['size']} px, {steps}-step metadata")
-    return Inversion(tensors["x_T"], tensors["z0"], null, offsets, settings)
+    return Inversion(tensors["x_T"], tensors["z0"], null, pins, settings)

@@ -1,12 +1,13 @@
 """A photo to edit: its inversion's settings, the inversion file to reuse or the one to make.
 
 An edit of a photo starts from an inversion: one given as `inversion` must have been made for
-the same prompt, photo, size, steps (and guidance, for null-text and direct) and weights (their
-fingerprint); without one, the edit inverts first and keeps the result in a cache folder (next
+the same prompt, photo, size, steps (and guidance, for null-text) and weights (their
+fingerprint), and it fixes the method, inner steps and offsets; without one, the edit inverts first and keeps the result in a cache folder (next
 to its output, for the CLI) as PHOTO.KEY.inversion.safetensors, KEY a hash of every setting,
 reused by the next edit with the same settings. A file of that name that is not such an
 inversion is never overwritten. Everything up to `prepare` runs without the model.
 """
+import dataclasses
 import hashlib
 import json
 import sys
@@ -21,9 +22,9 @@ from . import inversion, sampler
 from .inversion import Inversion
 
 
-def check_settings(method: str, steps: int, size: int):
+def check_settings(method: str, steps: int, size: int, size_flag: str = "--height and --width"):
     if size < inversion.MIN_SIZE:
-        raise InputError(f"photos are edited at {inversion.MIN_SIZE} px or more (got {size})")
+        raise InputError(f"{size_flag} {size}: photos are edited at {inversion.MIN_SIZE} px or more")
     if method == "null-text" and steps > inversion.MAX_NULL_TEXT_STEPS:
         raise InputError(f"null-text inversion takes at most {inversion.MAX_NULL_TEXT_STEPS} steps (got {steps})")
 
@@ -116,6 +117,29 @@ class Photo:
     inversion: Inversion | None     # the given inversion or the matching cached one; None: invert
     cache: Path | None              # where a new inversion is written
     path: Path | None = None        # the given inversion's file, for messages
+    fixed: dict = dataclasses.field(default_factory=dict)   # the record fields the given file fixes
+
+
+FIXED = {"method": "--method", "inner_steps": "--inner-steps", "offsets": "--offsets"}
+
+
+def fixed_by(path: Path, inv: Inversion, record) -> dict:
+    """The record fields an inversion file fixes ({field: its value}). The file's settings replace
+    the record's defaults, so the record (and every output's metadata) says what was run; a value
+    the user chose that differs from the file's is refused, as an edit with it cannot be run."""
+    s = inv.settings
+    fixed = {"method": s["method"], "offsets": tuple(int(v) for v in s["offsets"].split(","))}
+    if s["method"] == "null-text":
+        fixed["inner_steps"] = int(s["inner_steps"])
+    default = type(record)(record.source, record.targets, record.mode)
+    for field, value in fixed.items():
+        chosen = getattr(record, field)
+        if chosen != value and chosen != getattr(default, field):
+            text = lambda v: ",".join(map(str, v)) if field == "offsets" else str(v)
+            raise InputError(f"{FIXED[field]} {text(chosen)}: the inversion {path} was made with "
+                             f"{field.replace('_', ' ')} {text(value)}; the file fixes it, so leave {FIXED[field]} "
+                             "out, or invert again without --inversion")
+    return fixed
 
 
 def prepare(record, weights_name: str, weights_fingerprint: str, cache_dir: Path, prediction: str = "epsilon") -> Photo:
@@ -128,7 +152,8 @@ def prepare(record, weights_name: str, weights_fingerprint: str, cache_dir: Path
     if record.inversion is not None:
         inv = inversion.read(Path(record.inversion))
         check_match(Path(record.inversion), inv, want)
-        return Photo(load(Path(record.image), inv.settings), want, inv, None, Path(record.inversion))
+        return Photo(load(Path(record.image), inv.settings), want, inv, None, Path(record.inversion),
+                     fixed_by(Path(record.inversion), inv, record))
     check_settings(record.method, record.steps, record.height)
     image = load(Path(record.image), want)
     cache = cache_path(Path(record.image), cache_dir, want)
@@ -136,11 +161,13 @@ def prepare(record, weights_name: str, weights_fingerprint: str, cache_dir: Path
         return Photo(image, want, None, cache)
     try:
         cached = inversion.read(cache)
-    except InputError:
-        cached = None
-    if cached is None or any(cached.settings.get(k) != v for k, v in want.items()):
-        raise InputError(f"{cache} is in the way: it is not the inversion of these settings; move it, "
-                         "or pass it as the inversion")
+    except InputError as e:
+        raise InputError(f"the inversion cache file {cache} is in the way: it cannot be read as one ({e}); delete "
+                         "it and the edit inverts the photo again (p2p never overwrites a file)") from None
+    other = [k for k, v in want.items() if cached.settings.get(k) != v]
+    if other:
+        raise InputError(f"the inversion cache file {cache} is in the way: it holds an inversion with another "
+                         f"{other[0]}; delete it and the edit inverts the photo again (p2p never overwrites a file)")
     print(f"reusing the inversion in {cache}", file=sys.stderr)
     return Photo(image, want, cached, None, cache)
 

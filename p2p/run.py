@@ -5,6 +5,7 @@
 
 The CLI (`p2p edit`), scripts/reproduce_paper.py and sweeps all go through these two.
 """
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from models.files import fingerprint
 from models.text import check_prompts, load_tokenizer
 
 from . import edits, output, photo, sampler
-from .inversion import Inversion
+from .inversion import Inversion, open_image
 from .record import Experiment, site_text
 
 
@@ -47,17 +48,15 @@ def build_edit(record: Experiment, tokenizer, store: bool = False) -> edits.Prom
 
 
 def read_mask(path: Path) -> torch.Tensor:
-    """A drawn edit region: any image Pillow reads, its pixels brighter than half are the region."""
-    try:
-        with Image.open(path) as image:
-            pixels = np.asarray(image.convert("L"))
-    except FileNotFoundError:
-        raise InputError(f"blend mask {path} does not exist") from None
-    except (OSError, ValueError) as e:
-        raise InputError(f"blend mask {path}: not an image Pillow can read ({e})") from None
-    region = torch.from_numpy(pixels > 127)
+    """A drawn edit region: any image Pillow reads, its pixels brighter than half are the region;
+    where the image has alpha, only its opaque pixels (alpha > 127) can be: transparent is outside."""
+    image = open_image(path, f"blend mask {path}")
+    region = torch.from_numpy(np.asarray(image.convert("L")) > 127)
+    if image.has_transparency_data:
+        region &= torch.from_numpy(np.asarray(image.convert("RGBA").getchannel("A")) > 127)
     if not region.any():
-        raise InputError(f"blend mask {path} is black all over: no pixel marks the edit region")
+        raise InputError(f"blend mask {path} is black all over: no pixel marks the edit region (bright, > 127, "
+                         "and opaque where it has alpha)")
     return region
 
 
@@ -83,6 +82,7 @@ def prepare(record: Experiment, weights: Path, cache_dir: Path | None = None, st
         cache = Path(record.image).parent if cache_dir is None else cache_dir
         shot = photo.prepare(record, Path(weights).name, fingerprint(weights), cache,
                              prediction_of(weights, prediction))
+        record = dataclasses.replace(record, **shot.fixed)   # what a given inversion file fixes
     return Plan(record, edit, shot)
 
 

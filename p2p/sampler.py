@@ -33,8 +33,11 @@ def guidance_batch(uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
     return torch.cat([uncond, cond])
 
 
-def check_size(height: int, width: int, steps: int):
+def check_size(height: int, width: int, steps: int, size_flag: str | None = None):
+    """`size_flag`: the one flag that gave both sides (`p2p invert --size`), for the message."""
     if height % 8 or width % 8 or height < 8 or width < 8:
+        if size_flag is not None:
+            raise InputError(f"{size_flag} {height}: the size must be a positive multiple of 8")
         raise InputError(f"width and height must be positive multiples of 8 (got {width}x{height})")
     if not 1 <= steps <= ddim.TRAIN_STEPS:
         raise InputError(f"steps must be between 1 and {ddim.TRAIN_STEPS} (got {steps})")
@@ -43,25 +46,25 @@ def check_size(height: int, width: int, steps: int):
 @torch.no_grad()
 def generate(sd: StableDiffusion, prompts: list[str], seed: int = 0, steps: int = 50, guidance: float = 7.5,
              height: int = 512, width: int = 512, negative: str = "", edit=None, x_T=None, null_embeddings=None,
-             source_offsets=None, sampler: str = "ddim", progress: bool = True) -> torch.Tensor:
+             source_trajectory=None, sampler: str = "ddim", progress: bool = True) -> torch.Tensor:
     """Sample latents for each prompt from one shared x_T; returns float32 [b, 4, h, w].
 
-    | prompts         | the batch; with an edit, [source, target, ...]                    |
-    | negative        | the unconditional prompt of classifier-free guidance ("" in SD)   |
-    | edit            | an attention edit (see p2p/edits.py), or None for plain sampling  |
-    | x_T             | start latents [1, 4, h, w]; default `initial_noise(seed, ...)`    |
-    | null_embeddings | [steps, m, width]: per-step unconditional context (null-text inversion) |
-    | source_offsets  | [steps, 4, h, w]: added to row 0 after each step, before the edit's       |
-    |                 | after_step (direct inversion: the source row retraces the photo)          |
-    | sampler         | "ddim", or "plms" (the official notebook's): N + 1 UNet calls, the edit's |
-    |                 | step counts calls 0..N                                                |
+    | prompts           | the batch; with an edit, [source, target, ...]                            |
+    | negative          | the unconditional prompt of classifier-free guidance ("" in SD)           |
+    | edit              | an attention edit (see p2p/edits.py), or None for plain sampling          |
+    | x_T               | start latents [1, 4, h, w]; default `initial_noise(seed, ...)`            |
+    | null_embeddings   | [steps, m, width]: per-step unconditional context (null-text inversion)   |
+    | source_trajectory | [steps, 4, h, w]: row 0 after each step, set before the edit's            |
+    |                   | after_step (direct inversion: the source row retraces the photo)          |
+    | sampler           | "ddim", or "plms" (the official notebook's): N + 1 UNet calls, the edit's |
+    |                   | step counts calls 0..N                                                    |
     """
     if sampler not in SAMPLERS:
         raise InputError(f"unknown sampler {sampler!r}: choose from {', '.join(SAMPLERS)}")
     if sampler != "ddim" and null_embeddings is not None:
         raise InputError("null embeddings belong to a DDIM inversion; edit an inverted photo with sampler ddim")
-    if sampler != "ddim" and source_offsets is not None:
-        raise InputError("direct inversion's offsets belong to DDIM; edit an inverted photo with sampler ddim")
+    if sampler != "ddim" and source_trajectory is not None:
+        raise InputError("direct inversion's trajectory belongs to DDIM; edit an inverted photo with sampler ddim")
     check_size(height, width, steps)
     check_finite("guidance", guidance)
     b = len(prompts)
@@ -82,8 +85,8 @@ def generate(sd: StableDiffusion, prompts: list[str], seed: int = 0, steps: int 
     blend = getattr(edit, "after_step", None)
 
     def after(i, x):
-        if source_offsets is not None:   # o_i puts the source row back on the photo's DDIM trajectory
-            x = torch.cat([x[:1] + source_offsets[i].to(x), x[1:]])
+        if source_trajectory is not None:   # direct inversion: the source row on the photo's DDIM trajectory
+            x = torch.cat([source_trajectory[i][None].to(x), x[1:]])
         return x if blend is None else blend(i, x)
 
     method = SAMPLERS[sampler]

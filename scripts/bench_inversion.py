@@ -1,9 +1,9 @@
-"""Time the inversions of a photo on one model: negative-prompt and direct fully, null-text per outer step.
+"""Time the inversions of a photo on one model: negative-prompt (= ddim = direct) fully, null-text per outer step.
 
     python scripts/bench_inversion.py --weights CKPT [--size 512] [--steps 50] [--inner-steps 10] [--outer 2]
 
 Negative-prompt inversion (VAE encode + DDIM inversion, no optimisation) is run and timed in
-full, and so is direct inversion (the same, then one guided UNet pass a step for the offsets).
+full; direct inversion is the same (it keeps the DDIM trajectory, nothing more).
 Null-text inversion is the slow part: only --outer of its outer steps are run, each
 with the full --inner-steps Adam steps (a random model never reaches the early-stop loss, so
 none stops early; the progress line shows the count), and the total for --steps is
@@ -47,11 +47,8 @@ def main(argv=None) -> int:
 
     z0, t_encode = timed(inversion.encode, sd, image)
     trajectory, t_ddim = timed(inversion.ddim_inversion, sd, z0, cond, args.steps)
-    print(f"negative-prompt inversion: {t_encode + t_ddim:.1f} s measured "
+    print(f"negative-prompt (and ddim, direct) inversion: {t_encode + t_ddim:.1f} s measured "
           f"(VAE encode {t_encode:.1f} s + DDIM inversion {t_ddim:.1f} s, {t_ddim / args.steps:.2f} s/step)")
-    _, t_offsets = timed(inversion.direct_offsets, sd, trajectory, cond, null, 7.5)
-    print(f"direct inversion: {t_encode + t_ddim + t_offsets:.1f} s measured (negative-prompt's + offsets "
-          f"{t_offsets:.1f} s, {t_offsets / args.steps:.2f} s/step; {1 + t_offsets / t_ddim:.2f}x DDIM inversion)")
 
     # the first --outer outer steps of an --outer-step inversion cost what the first of a 50-step one do
     short = inversion.ddim_inversion(sd, z0, cond, args.outer, progress=False)
