@@ -316,13 +316,15 @@ def write_maps(sd, prompt: str, res: int, window: tuple[int, int], components: i
 # ---- p2p sweep -------------------------------------------------------------------------
 
 def base_fields(items: list[str]) -> dict:
-    """--base FIELD=VALUE ...: record fields, each value JSON or else text, checked alone."""
+    """--base FIELD=VALUE ...: record fields, each value JSON or else text, checked alone, each once."""
     from .sweep import check_values
     overrides = {}
     for item in items:
         name, sep, value = item.partition("=")
         if not sep:
             raise InputError(f"--base takes FIELD=VALUE, got {item!r}")
+        if name in overrides:
+            raise InputError(f"--base {name} given twice")
         try:
             overrides[name] = json.loads(value)
         except ValueError:
@@ -337,14 +339,12 @@ def sweep(args):
     overrides = base_fields(args.base)
     if args.report:
         sweeps.report(spec, sweeps.cells(spec, overrides), args.out)
-        wrote(args.out / "summary.md")
         return
     if args.weights is None:
         raise InputError("--weights is required (only --report works without a model)")
     sweeps.sweep(spec, args.weights, args.out, sweeps.shard_of(args.shard), overrides,
                  lambda: load_model(args.weights, args.device, args.dtype, args.prediction), args.dtype, args.clip,
                  args.dino, args.prediction)
-    wrote(args.out / "summary.md")
 
 
 # ---- p2p bench pie ---------------------------------------------------------------------
@@ -353,16 +353,15 @@ def bench(args):
     from . import pie, sweep as sweeps
     overrides = base_fields(args.base)
     if args.report:
-        items = pie.select(pie.read(args.data), args.types, args.limit)
-        every, skipped = pie.cells(items, args.methods, overrides, args.weights, args.out, args.prediction)
-        wrote(pie.report(items, every, skipped, args.methods, args.out))
+        _, every, skipped = pie.plan(args.data, args.types, args.limit, args.methods, overrides, args.weights,
+                                     args.out, args.prediction)
+        pie.report(every, skipped, args.methods, args.out)
         return
     table = pie.bench(args.data, args.weights, args.out, args.methods, args.types, args.limit,
                       sweeps.shard_of(args.shard), overrides,
                       lambda: load_model(args.weights, args.device, args.dtype, args.prediction),
                       args.dtype, args.clip, args.dino, args.lpips, args.prediction)
     print(table.read_text(encoding="utf-8").split("\n\n## ")[0])
-    wrote(table)
 
 
 # ---- p2p sites -------------------------------------------------------------------------

@@ -13,7 +13,6 @@ contact sheet (sheet.png) are made from the results files alone.
 """
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -27,7 +26,7 @@ from tqdm import tqdm
 from models import InputError
 from models.checkpoint import load, prediction_of
 
-from . import metrics, output, record, run, sweep, viz
+from . import metrics, output, photo, record, run, sampler, sweep, viz
 from .memory import PeakMemory
 from .record import Experiment
 
@@ -64,8 +63,9 @@ class Item:
     mask: tuple[int, ...]                  # run-length pairs
 
 
-def read(data: Path) -> list[Item]:
-    """Every item of DIR/mapping_file.json, checked (a bad entry is one error naming its id)."""
+def read(data: Path) -> tuple[list[Item], dict[str, tuple[int | None, str]]]:
+    """Every item of DIR/mapping_file.json, and the items that cannot be read, each with its type
+    (None where that is what is wrong) and why: one odd item is skipped, not the whole file."""
     path = Path(data) / "mapping_file.json"
     if not path.is_file():
         raise InputError(f"--data {data}: no mapping_file.json there (a PIE-Bench folder holds mapping_file.json "
@@ -76,28 +76,40 @@ def read(data: Path) -> list[Item]:
         raise InputError(f"{path}: not JSON ({e})") from None
     if not isinstance(mapping, dict) or not mapping:
         raise InputError(f"{path}: a non-empty JSON object of items by id")
-    items = []
+    items, bad = [], {}
     for key, entry in mapping.items():
-        where = f"{path.name}[{key!r}]"
-        if not isinstance(entry, dict) or (missing := [k for k in KEYS if k not in entry]):
-            raise InputError(f"{where}: an item has {', '.join(KEYS)}" + (f" (it lacks {missing[0]})" if
-                                                                      isinstance(entry, dict) else ""))
-        if str(entry["editing_type_id"]) not in map(str, range(len(TYPES))):
-            raise InputError(f"{where}.editing_type_id: 0 to 9, got {entry['editing_type_id']!r}")
-        rle = entry["mask"]
-        if not isinstance(rle, list) or len(rle) % 2 or not all(isinstance(v, int) and v >= 0 for v in rle):
-            raise InputError(f"{where}.mask: run-length pairs [start, length, ...] of non-negative integers")
-        words = str(entry["blended_word"]).split()
-        if len(words) not in (0, 2):
-            raise InputError(f"{where}.blended_word: 'SOURCE TARGET' or '', got {entry['blended_word']!r}")
-        image = Path(data) / "annotation_images" / entry["image_path"]
-        if not image.is_file():
-            raise InputError(f"{where}.image_path: {image} does not exist")
-        strip = lambda text: str(text).replace("[", "").replace("]", "")
-        items.append(Item(str(key), image, strip(entry["original_prompt"]), strip(entry["editing_prompt"]),
-                          str(entry.get("editing_instruction", "")), int(entry["editing_type_id"]),
-                          tuple(words) or None, tuple(rle)))
-    return items
+        try:
+            items.append(item(Path(data), str(key), entry))
+        except InputError as e:
+            known = isinstance(entry, dict) and str(entry.get("editing_type_id")) in map(str, range(len(TYPES)))
+            bad[str(key)] = (int(entry["editing_type_id"]) if known else None, str(e))
+    return items, bad
+
+
+def item(data: Path, key: str, entry) -> Item:
+    """One entry of the mapping, checked."""
+    if not isinstance(entry, dict) or (missing := [k for k in KEYS if k not in entry]):
+        raise InputError(f"an item has {', '.join(KEYS)}" + (f" (it lacks {missing[0]})" if isinstance(entry, dict)
+                                                            else ""))
+    if str(entry["editing_type_id"]) not in map(str, range(len(TYPES))):
+        raise InputError(f"editing_type_id: 0 to 9, got {entry['editing_type_id']!r}")
+    rle = entry["mask"]
+    runs = list(zip(rle[::2], rle[1::2])) if isinstance(rle, list) and len(rle) % 2 == 0 else None
+    # bools are ints to Python, and a run past the grid would be cut to nothing: neither is a mask
+    if runs is None or not all(type(v) is int and v >= 0 for run in runs for v in run):
+        raise InputError("mask: run-length pairs [start, length, ...] of non-negative integers")
+    if (over := next((r for r in runs if r[0] + r[1] > SIZE * SIZE), None)) is not None:
+        raise InputError(f"mask: the run {list(over)} ends past the {SIZE} x {SIZE} grid's {SIZE * SIZE} pixels")
+    words = str(entry["blended_word"]).split()
+    if len(words) not in (0, 2):
+        raise InputError(f"blended_word: 'SOURCE TARGET' or '', got {entry['blended_word']!r}")
+    image = data / "annotation_images" / str(entry["image_path"])
+    if not image.is_file():
+        raise InputError(f"image_path: {image} does not exist")
+    strip = lambda text: str(text).replace("[", "").replace("]", "")
+    return Item(key, image, strip(entry["original_prompt"]), strip(entry["editing_prompt"]),
+                str(entry.get("editing_instruction", "")), int(entry["editing_type_id"]), tuple(words) or None,
+                tuple(rle))
 
 
 def decode_mask(rle, border: bool = True) -> torch.Tensor:
@@ -113,14 +125,14 @@ def decode_mask(rle, border: bool = True) -> torch.Tensor:
     return mask
 
 
-def protocol(item: Item, method: str, overrides: dict | None = None) -> Experiment:
+def protocol(item: Item, method: str, overrides: dict | None = None, where: str | None = None) -> Experiment:
     """The record PnPInversion's P2P protocol edits the item with (`overrides` on top, e.g. steps)."""
     fields = {**PROTOCOL, "source": item.source, "targets": [item.target], "image": str(item.image),
               "method": method}
     if item.blended is not None:
         fields |= {"blend": [[item.blended[0]], [item.blended[1]]], "blend_start": 0.2,
                    "reweight": {item.blended[1]: 2.0}}
-    return record.from_json({**fields, **(overrides or {})}, f"item {item.id}")
+    return record.from_json({**fields, **(overrides or {})}, where or f"item {item.id}")
 
 
 # ---- the metrics, as PIE-Bench's evaluation computes them -------------------------------------
@@ -157,10 +169,32 @@ def score(photo, edited, mask: torch.Tensor, target: str, nets: Nets) -> dict[st
 
 # ---- running ----------------------------------------------------------------------------------
 
+# what each item sets from its own entry, or --methods: --base cannot set it for all
+ITEM_FIELDS = {"source": "original_prompt", "targets": "editing_prompt", "image": "image_path",
+               "inversion": "image_path", "blend": "blended_word", "reweight": "blended_word", "method": "--methods"}
+
+
+def check_overrides(overrides: dict, methods: list[str]):
+    """What --base changes for every photo, checked once on a stand-in item (with and without a
+    blended word), so a bad value is refused, not found wrong in every photo and skipped 700 times."""
+    for name in overrides:
+        if name in ITEM_FIELDS:
+            raise InputError(f"--base {name}: each photo's {ITEM_FIELDS[name]} sets it"
+                             + (", give --methods" if name == "method" else ""))
+    for method in methods:
+        for blended in (None, ("cat", "dog")):
+            r = protocol(Item("", Path("photo.png"), "a cat", "a dog", "", 0, blended, ()), method, overrides, "--base")
+            sampler.check_size(r.height, r.width, r.steps)
+            if r.height != r.width:
+                raise InputError(f"--base: photos are edited square, got width {r.width} and height {r.height}")
+            photo.check_settings(method, r.steps, r.height)
+
+
 def cells(items: list[Item], methods: list[str], overrides: dict | None, weights: Path, out: Path,
           prediction: str | None = None) -> tuple[list[sweep.Cell], dict]:
     """Every (item, method) cell, checked without the model, and the items skipped with why (a
     blended word missing from its prompt, where PnPInversion's code blends with an empty map)."""
+    check_overrides(overrides or {}, methods)
     out_cells, skipped = [], {}
     prediction = prediction_of(weights, prediction)     # once: a single file's header is read for it
     for i, item in enumerate(items):
@@ -210,28 +244,44 @@ def bench(data: Path, weights: Path, out: Path, methods: list[str], types: list[
           dtype: str = "float32", clip=None, dino=None, lpips=None, prediction: str | None = None) -> Path:
     """Run this shard's unfinished cells, then write table.md and sheet.png from every shard's
     results; returns the table's path."""
-    items = select(read(data), types, limit)
-    sweep.make_folder(out)
-    every, skipped = cells(items, methods, overrides, weights, out, prediction)
+    items, every, skipped = plan(data, types, limit, methods, overrides, weights, out, prediction)
     check_model(every, weights, prediction)
-    done = sweep.read_results(out)
+    sweep.make_folder(out)
     k, n = shard
-    todo = [c for c in every if c.index % n == k and c.key not in done]
-    print(f"pie: {len(items)} photos x {len(methods)} methods, {len(skipped)} photos skipped, "
-          f"{sum(c.index % n == k for c in every)} cells in shard {k}/{n}, {len(todo)} to run", file=sys.stderr)
-    if todo:
-        from .lpips import Lpips
-        sd, path = load_model(), sweep.results_file(out, shard)
-        nets = Nets(metrics.Clip.load(clip) if clip else None, metrics.Dino.load(dino) if dino else None,
-                    Lpips.load(lpips) if lpips else None)
-        by_id = {item.id: item for item in items}
-        for cell in tqdm(todo, desc="photos x methods", file=sys.stderr):
-            sweep.append(path, run_cell(sd, cell, by_id[cell.case], weights, out, dtype, nets))
-    return report(items, every, skipped, methods, out)
+    with sweep.hold(out, shard):
+        done = sweep.read_results(out)
+        todo = [c for c in every if c.index % n == k and c.key not in done]
+        print(f"pie: {len({c.case for c in every})} photos x {len(methods)} methods ({len(skipped)} photos "
+              f"skipped), {sum(c.index % n == k for c in every)} cells in shard {k}/{n}, {len(todo)} to run",
+              file=sys.stderr)
+        if todo:
+            from .lpips import Lpips
+            sd, path = load_model(), sweep.results_file(out, shard)
+            nets = Nets(metrics.Clip.load(clip) if clip else None, metrics.Dino.load(dino) if dino else None,
+                        Lpips.load(lpips) if lpips else None)
+            by_id = {item.id: item for item in items}
+            for cell in tqdm(todo, desc="photos x methods", file=sys.stderr):
+                sweep.append(path, run_cell(sd, cell, by_id[cell.case], weights, out, dtype, nets))
+            print(f"wrote {path} (+{len(todo)} cells) and their images in {out / 'cells'}", file=sys.stderr)
+    return report(every, skipped, methods, out)
 
 
-def select(items: list[Item], types: list[int] | None, limit: int | None) -> list[Item]:
-    """The items of the chosen types, the first `limit` of each type (in id order)."""
+def plan(data: Path, types, limit, methods, overrides, weights, out, prediction=None) -> tuple[list, list, dict]:
+    """The chosen items, their cells and the items skipped (by id: why); refused when no cell is left."""
+    read_items, bad = read(data)
+    items, skipped = select(read_items, bad, types, limit)
+    every, unusable = cells(items, methods, overrides, weights, out, prediction)
+    skipped |= unusable
+    if not every:
+        first = next(iter(skipped.items()))
+        raise InputError(f"no photo left to edit: all {len(skipped)} skipped ({first[0]}: {first[1]}"
+                         + (", ..." if len(skipped) > 1 else "") + ")")
+    return items, every, skipped
+
+
+def select(items: list[Item], bad: dict, types: list[int] | None, limit: int | None) -> tuple[list[Item], dict]:
+    """The items of the chosen types, the first `limit` of each type (in id order), and the
+    unreadable items ({id: (type, why)} from read) of those types (or of no type), by id: why."""
     chosen, count = [], {}
     for item in sorted(items, key=lambda i: i.id):
         if types is not None and item.type not in types:
@@ -239,9 +289,10 @@ def select(items: list[Item], types: list[int] | None, limit: int | None) -> lis
         count[item.type] = count.get(item.type, 0) + 1
         if limit is None or count[item.type] <= limit:
             chosen.append(item)
-    if not chosen:
+    skipped = {k: why for k, (t, why) in sorted(bad.items()) if types is None or t is None or t in types}
+    if not chosen and not skipped:
         raise InputError(f"no PIE-Bench item of type {', '.join(map(str, types or []))} in the data")
-    return chosen
+    return chosen, skipped
 
 
 def check_model(every: list[sweep.Cell], weights: Path, prediction: str | None = None):
@@ -281,13 +332,21 @@ def table(rows: list[dict], methods: list[str]) -> list[str]:
     return lines
 
 
-def report(items: list[Item], every: list[sweep.Cell], skipped: dict, methods: list[str], out: Path) -> Path:
-    """table.md (the PnPInversion paper's layout, then one table per editing type) and sheet.png."""
+def report(every: list[sweep.Cell], skipped: dict, methods: list[str], out: Path) -> Path:
+    """table.md (the PnPInversion paper's layout, then one table per editing type) and sheet.png,
+    each named as written; returns the table's path."""
+    if not out.is_dir():
+        raise InputError(f"--out {out}: no such folder (the tables are made from a run's results there)")
     done = sweep.read_results(out)
     rows = [done[c.key] for c in every if c.key in done]
     undefined = {m: sum(math.isnan(r["metrics"].get("mse", 0.0)) for r in rows if r["method"] == m) for m in methods}
-    lines = [f"# PIE-Bench\n\n{len(rows)} of {len(every)} cells done ({len(items)} photos, methods "
-             f"{', '.join(methods)}). Means over photos; structure distance on the whole image, PSNR, LPIPS, "
+    photos = {c.case: 0 for c in every}
+    for r in rows:
+        photos[r["id"]] += 1
+    whole, part = sum(n == len(methods) for n in photos.values()), sum(0 < n < len(methods) for n in photos.values())
+    lines = [f"# PIE-Bench\n\n{whole} of {len(photos)} photos done" + (f" ({part} more in part)" if part else "")
+             + f" by {', '.join(methods)}" + (f"; {len(skipped)} photos skipped (below)" if skipped else "")
+             + ". Means over photos; structure distance on the whole image, PSNR, LPIPS, "
              "MSE and SSIM on the unedited part (both images times 1 - mask), CLIP similarity of the whole "
              "edit and of its edited part with the target prompt. s / photo: inversion and edit; peak MiB: "
              "above the loaded model.\n", *table(rows, methods)]
@@ -301,16 +360,17 @@ def report(items: list[Item], every: list[sweep.Cell], skipped: dict, methods: l
         mine = [r for r in rows if r["type"] == t]
         if mine:
             lines += [f"\n## {t}. {name} ({len({r['id'] for r in mine})} photos)\n", *table(mine, methods)]
-    (out / "table.md.tmp").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(out / "table.md.tmp", out / "table.md")
-    if rows:
-        sheet(rows, methods, out)
+    sweep.write_text(out / "table.md", "\n".join(lines) + "\n")
+    written = [out / "table.md", *([sheet(rows, methods, out)] if rows else [])]
+    for path in written:
+        print(f"wrote {path}", file=sys.stderr)
     return out / "table.md"
 
 
-def sheet(rows: list[dict], methods: list[str], out: Path, per_type: int = 2, tile: int = 160):
-    """sheet.png: per editing type its first photos, each a row: the photo, then each method's
-    reconstruction (the edit's source row) and edit."""
+def sheet(rows: list[dict], methods: list[str], out: Path, per_type: int = 2, tile: int = 160) -> Path:
+    """sheet.png: per editing type its first photos, each a row: its type, the photo (under it
+    its prompt), then each method's reconstruction (the edit's source row) and edit (under it the
+    target prompt)."""
     def image(name):
         with Image.open(out / name) as im:
             return im.convert("RGB").resize((tile, tile), Image.Resampling.LANCZOS)
@@ -325,12 +385,15 @@ def sheet(rows: list[dict], methods: list[str], out: Path, per_type: int = 2, ti
         if shown.setdefault(t, 0) == per_type:
             continue
         shown[t] += 1
-        tiles, labels = [image(first["images"]["photo"])], [f"{t}. {TYPES[t]} ({id_})"]
+        source, target = first["record"]["source"], first["record"]["targets"][0]
+        tiles = [output.text_tile(f"{t}. {TYPES[t]} ({id_})", (tile, tile)), image(first["images"]["photo"])]
+        labels = ["", source]
         for m in methods:
             if m in mine:
                 tiles += [image(mine[m]["images"]["reconstruction"]), image(mine[m]["images"]["edit"])]
             else:
                 tiles += [Image.new("RGB", (tile, tile), (200, 200, 200))] * 2
-            labels += [f"{METHODS[m]}: reconstruction", f"{METHODS[m]}: edit"]
+            labels += [f"{METHODS[m]}: reconstruction", f"{METHODS[m]}: {target}"]
         lines.append(output.labelled_row(tiles, labels))
     output.save_image(out / "sheet.png", viz.stack(lines), {"software": "p2p bench pie"})
+    return out / "sheet.png"

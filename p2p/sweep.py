@@ -22,15 +22,21 @@ PNGs: background MSE, PSNR, SSIM outside the edit region and locality inside it 
 the blend's final mask or drawn blend_mask; the edited words' attention, see metrics.attention_masks;
 or none), and with their weights the CLIP score and direction and DINO structure distance.
 """
+import contextlib
 import csv
+import fcntl
 import hashlib
+import io
 import itertools
 import json
 import math
 import os
+import socket
 import statistics
 import sys
+import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +54,7 @@ from .record import Experiment
 METRICS = ("mse", "psnr", "ssim", "locality", "clip_score", "clip_direction", "structure")
 REGIONS = ("blend", "attention", "none")
 SPEC_KEYS = ("base", "cases", "axes", "combine", "region", "region_threshold", "about")
+MAX_CELLS = 100_000       # checking a cell takes a few ms: 100k take minutes, and would take weeks to sample
 
 
 @dataclass(frozen=True)
@@ -58,7 +65,7 @@ class Cell:
     axes: tuple[tuple[str, object], ...]      # (field, JSON value) in the spec's order
     record: Experiment
 
-    @property
+    @cached_property
     def key(self) -> str:
         """16 hex digits naming the cell by its record alone, so a changed spec never reuses a result."""
         return hashlib.sha256(json.dumps(self.record.to_json(), sort_keys=True).encode()).hexdigest()[:16]
@@ -89,8 +96,8 @@ def check_values(fields: dict, where: str):
             raise InputError(f"{where}.{name}: {e}") from None
 
 
-def cells(spec: dict, overrides: dict | None = None) -> list[Cell]:
-    """Every cell of the spec, each record checked (with `overrides` on top of the base)."""
+def shape(spec: dict) -> tuple[dict, list, dict, int]:
+    """The spec's base, cases and axes, checked as a whole (not cell by cell), and its cell count."""
     unknown = [k for k in spec if k not in SPEC_KEYS]
     if unknown:
         raise InputError(f"spec: unknown entry {unknown[0]!r} (a spec has {', '.join(SPEC_KEYS)})")
@@ -105,28 +112,53 @@ def cells(spec: dict, overrides: dict | None = None) -> list[Cell]:
         raise InputError("spec: base and axes are JSON objects")
     if not isinstance(cases, list) or not cases:
         raise InputError("spec.cases: a non-empty list of cases")
-    check_values(base, "spec.base")
     for name, values in axes.items():
         if name not in record.FIELDS:
             raise InputError(f"spec.axes: unknown field {name!r}")
         if not isinstance(values, list) or not values:
             raise InputError(f"spec.axes.{name}: a non-empty list of values")
-        for j, value in enumerate(values):
-            try:
-                record.CHECKS[name](value)
-            except ValueError as e:
-                raise InputError(f"spec.axes.{name}[{j}]: {e}") from None
     combine = spec.get("combine", "grid")
     if combine == "zip":
         if len({len(v) for v in axes.values()}) > 1:
             raise InputError(f"spec: zipped axes need as many values each, got "
                              f"{', '.join(f'{k} {len(v)}' for k, v in axes.items())}")
-        combos = list(zip(*axes.values())) if axes else [()]
+        combos = len(next(iter(axes.values()))) if axes else 1
     elif combine == "grid":
-        combos = list(itertools.product(*axes.values()))
+        combos = math.prod(len(v) for v in axes.values())
     else:
         raise InputError(f"spec.combine: grid or zip, got {combine!r}")
-    out, names = [], set()
+    return base, cases, axes, len(cases) * combos
+
+
+def cells(spec: dict, overrides: dict | None = None) -> list[Cell]:
+    """Every cell of the spec, each record checked (with `overrides` on top of the base), no two
+    the same experiment."""
+    base, cases, axes, count = shape(spec)
+    if count > MAX_CELLS:
+        raise InputError(f"spec: {count:,} cells ({len(cases)} cases x {count // len(cases):,} combinations of the "
+                         f"axes), more than a sweep takes ({MAX_CELLS:,}): split it into several specs")
+    overrides = overrides or {}
+    check_values(base, "spec.base")
+    for name in overrides:       # what --base would set and a cell would then overwrite: refused, not ignored
+        if name in axes:
+            raise InputError(f"--base {name}: {name} is an axis of the spec (spec.axes.{name}), which sets it per cell")
+        case = next((i for i, c in enumerate(cases) if isinstance(c, dict) and name in c), None)
+        if case is not None:
+            raise InputError(f"--base {name}: spec.cases[{case}] sets {name}, and a case's own fields come first")
+    for name, values in axes.items():
+        seen = {}
+        for j, value in enumerate(values):
+            try:
+                canonical = json.dumps(record.CHECKS[name](value))
+            except ValueError as e:
+                raise InputError(f"spec.axes.{name}[{j}]: {e}") from None
+            if canonical in seen and spec.get("combine", "grid") == "grid":
+                raise InputError(f"spec.axes.{name}[{j}]: {value_text(value)} again (as [{seen[canonical]}]): "
+                                 "each cell would run twice")
+            seen.setdefault(canonical, j)
+    zipped = spec.get("combine") == "zip" and axes
+    combos = list(zip(*axes.values())) if zipped else list(itertools.product(*axes.values()))
+    out, names, keys = [], set(), {}
     for i, case in enumerate(cases):
         where = f"spec.cases[{i}]"
         if not isinstance(case, dict) or not isinstance(case.get("name"), str):
@@ -138,29 +170,47 @@ def cells(spec: dict, overrides: dict | None = None) -> list[Cell]:
         check_values(fields, where)
         for combo in combos:
             values = dict(zip(axes, combo))
-            r = record.from_json({**base, **(overrides or {}), **fields, **values}, where)
-            out.append(Cell(len(out), i, case["name"], tuple(values.items()), r))
+            r = record.from_json({**base, **overrides, **fields, **values}, where)
+            cell = Cell(len(out), i, case["name"], tuple(values.items()), r)
+            if cell.key in keys:
+                first = out[keys[cell.key]]
+                raise InputError(f"{where} ({cell.case}, cell {cell.index}): the same experiment as cell {first.index} "
+                                 f"({first.case}{''.join(f', {a} {value_text(v)}' for a, v in first.axes)}); "
+                                 "it would run twice")
+            keys[cell.key] = cell.index
+            out.append(cell)
     return out
 
 
 def shard_of(text: str | None) -> tuple[int, int]:
     """(K, N): from --shard K/N, else torchrun's RANK/WORLD_SIZE, else a SLURM array's task id
-    among its count, else (0, 1)."""
+    (less its minimum) among its count, else (0, 1). Each value is named where it is wrong."""
     env = os.environ
+
+    def number(name: str, value: str) -> int:
+        try:
+            return int(value)
+        except ValueError:
+            raise InputError(f"{name}={value!r}: not an integer") from None
+
     if text is not None:
         try:
             k, n = (int(x) for x in text.split("/"))
         except ValueError:
             raise InputError(f"--shard takes K/N, e.g. 0/4, got {text!r}") from None
+        given = f"--shard {text}"
     elif "RANK" in env and "WORLD_SIZE" in env:
-        k, n = int(env["RANK"]), int(env["WORLD_SIZE"])
+        k, n = number("RANK", env["RANK"]), number("WORLD_SIZE", env["WORLD_SIZE"])
+        given = f"RANK={k} WORLD_SIZE={n}"
     elif "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
-        k = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
-        n = int(env["SLURM_ARRAY_TASK_COUNT"])
+        task, low = (number(v, env.get(v, "0")) for v in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN"))
+        k, n = task - low, number("SLURM_ARRAY_TASK_COUNT", env["SLURM_ARRAY_TASK_COUNT"])
+        given = f"SLURM_ARRAY_TASK_ID={task} SLURM_ARRAY_TASK_MIN={low} SLURM_ARRAY_TASK_COUNT={n}"
     else:
         k, n = 0, 1
+        given = ""
     if not 0 <= k < n:
-        raise InputError(f"shard {k}/{n}: need 0 <= K < N")
+        raise InputError(f"{given}: shard {k} of {n}; need 0 <= K < N")
     return k, n
 
 
@@ -248,6 +298,9 @@ def run_cell(sd, cell: Cell, weights: Path, out: Path, dtype: str, nets: Nets = 
     names = {"source": f"cells/{cell.key}.source.png",
              "targets": [f"cells/{cell.key}.target{i}.png" for i in range(len(cell.record.targets))], "regions": []}
     output.save_image(out / names["source"], result.images[0], meta)
+    if result.photo is not None:                 # a photo case: the source row is its reconstruction
+        names["photo"] = f"cells/{cell.key}.photo.png"
+        output.save_image(out / names["photo"], result.photo, meta)
     for i, (target, mask) in enumerate(zip(names["targets"], masks)):
         output.save_image(out / target, result.images[1 + i], meta)
         names["regions"].append(None if mask is None else f"cells/{cell.key}.target{i}.region.png")
@@ -257,12 +310,13 @@ def run_cell(sd, cell: Cell, weights: Path, out: Path, dtype: str, nets: Nets = 
             "record": cell.record.to_json(), "images": names, "metrics": cell_metrics(out, names, cell.record, nets)}
 
 
-def make_folder(out: Path):
-    """The sweep's folder (with its parents) and its cells/ and inversions/, written to once."""
+def make_folder(out: Path, inversions: bool = False):
+    """The sweep's folder (with its parents) and its cells/ (and inversions/, for photo cases),
+    made once every cell has been checked, so a refused spec leaves nothing behind."""
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file: a sweep writes a folder")
     try:
-        for sub in ("cells", "inversions"):
+        for sub in ("cells", "inversions")[:1 + inversions]:
             (out / sub).mkdir(parents=True, exist_ok=True)
         probe = out / ".p2p-write-test"
         probe.touch()
@@ -271,16 +325,76 @@ def make_folder(out: Path):
         raise InputError(f"cannot make the sweep folder {out}: {e.strerror or e}") from None
 
 
+@contextlib.contextmanager
+def hold(out: Path, shard: tuple[int, int]):
+    """This shard's lock on the folder while it runs, so a second process given the same shard, or
+    sharding the folder another way, stops with one line instead of running the same cells again.
+    It is a flock on DIR/results.lock (results.K-of-N.lock): the kernel drops it when its process
+    ends, however it ends, so a killed run blocks no one; the file says who holds it, and its
+    holder removes it when done (one left by a killed run is taken over by the next)."""
+    k, n = shard
+    for other in out.glob("results*.lock"):
+        if other.name != f"{results_file(out, shard).stem}.lock" and lock_count(other.name) != n:
+            with contextlib.suppress(FileNotFoundError), open(other) as f:   # (gone: its run has ended)
+                if not try_lock(f):
+                    raise InputError(f"--out {out}: another process runs it in {lock_count(other.name)} shards "
+                                     f"({holder(f)}, {other.name}), which would run this shard's cells too: give "
+                                     f"--shard K/{lock_count(other.name)}, or wait for it")
+    path = results_file(out, shard).with_suffix(".lock")
+    while True:
+        f = open(path, "a+")
+        if not try_lock(f):
+            who = holder(f)
+            f.close()
+            raise InputError(f"--out {out}: shard {k}/{n} is already running ({who}, {path.name} is locked): "
+                             "wait for it, or give another --shard K/N")
+        if path.exists() and os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+            break
+        f.close()                # its last holder removed it between our open and our lock: take the new one
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        f.close()
+
+
+def try_lock(f) -> bool:
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def holder(f) -> str:
+    f.seek(0)
+    return f.read().strip() or "another process"
+
+
+def lock_count(name: str) -> int:
+    """N of a lock file's name: results.K-of-N.lock, or 1 for results.lock."""
+    parts = name.split(".")
+    return int(parts[1].split("-of-")[1]) if len(parts) == 3 and "-of-" in parts[1] else 1
+
+
 def check_cells(every: list[Cell], weights: Path, out: Path, prediction: str | None = None):
     """Every cell's words, sizes, photo and layers, before the model loads (its architecture is
-    read from the checkpoint's headers)."""
+    read from the checkpoint's headers). Cells that differ only in their seed are checked once."""
     architecture = load(weights, "meta", prediction=prediction)
-    for cell in every:
+    checked = set()
+    for cell in tqdm(every, desc="checking cells", file=sys.stderr, disable=len(every) < 1000):
+        unseeded = json.dumps({**cell.record.to_json(), "seed": 0}, sort_keys=True)
+        if unseeded in checked:
+            continue
         try:
             run.prepare(cell.record, weights, cache_dir=out / "inversions", prediction=architecture.prediction)
             run.check_model(architecture, cell.record)
         except InputError as e:
             raise InputError(f"spec.cases[{cell.case_index}] ({cell.case}, cell {cell.index}): {e}") from None
+        checked.add(unseeded)
 
 
 def sweep(spec: dict, weights: Path, out: Path, shard: tuple[int, int] = (0, 1), overrides: dict | None = None,
@@ -289,20 +403,25 @@ def sweep(spec: dict, weights: Path, out: Path, shard: tuple[int, int] = (0, 1),
     """Run this shard's unfinished cells (the model comes from `load_model()`, only if there are
     any; CLIP and DINO from their folders, skipped with a note where absent), then write the
     tables and sheets from every shard's results so far."""
+    count = shape(spec)[3]
+    if count >= 1000:            # building and checking them takes a while: say how many first
+        print(f"sweep: checking {count:,} cells", file=sys.stderr)
     every = cells(spec, overrides)
-    make_folder(out)
     check_cells(every, weights, out, prediction)
-    done = read_results(out)
+    make_folder(out, inversions=any(c.record.image for c in every))
     k, n = shard
-    todo = [c for c in every if c.index % n == k and c.key not in done]
-    print(f"sweep: {len(every)} cells, {sum(c.index % n == k for c in every)} in shard {k}/{n}, "
-          f"{len(todo)} to run", file=sys.stderr)
-    if todo:
-        sd, path = load_model(), results_file(out, shard)
-        nets = Nets(metrics.Clip.load(clip) if clip else None, metrics.Dino.load(dino) if dino else None)
-        region, threshold = spec.get("region", "blend"), spec.get("region_threshold", 0.3)
-        for cell in tqdm(todo, desc="cells", file=sys.stderr):
-            append(path, run_cell(sd, cell, weights, out, dtype, nets, region, threshold))
+    with hold(out, shard):
+        done = read_results(out)
+        todo = [c for c in every if c.index % n == k and c.key not in done]
+        print(f"sweep: {len(every)} cells, {sum(c.index % n == k for c in every)} in shard {k}/{n}, "
+              f"{len(todo)} to run", file=sys.stderr)
+        if todo:
+            sd, path = load_model(), results_file(out, shard)
+            nets = Nets(metrics.Clip.load(clip) if clip else None, metrics.Dino.load(dino) if dino else None)
+            region, threshold = spec.get("region", "blend"), spec.get("region_threshold", 0.3)
+            for cell in tqdm(todo, desc="cells", file=sys.stderr):
+                append(path, run_cell(sd, cell, weights, out, dtype, nets, region, threshold))
+            print(f"wrote {path} (+{len(todo)} cells) and their images in {out / 'cells'}", file=sys.stderr)
     report(spec, every, out)
     return every
 
@@ -323,21 +442,30 @@ def mean_sd(values: list[float]) -> str:
     return f"{statistics.fmean(values):.4g} ± {sd:.2g}"
 
 
+def write_text(path: Path, text: str):
+    """Whole or not at all, under a name of this process's own (shards may report at once)."""
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temp.write_text(text, encoding="utf-8")
+    os.replace(temp, path)
+
+
 def report(spec: dict, every: list[Cell], out: Path):
     """results.csv (one row per cell and target), summary.md (per axis: mean ± sd over cases,
-    seeds and the other axes) and sheet-AXIS.png, from the results files alone."""
+    seeds and the other axes) and sheet-AXIS.png, from the results files alone; each named as written."""
+    if not out.is_dir():
+        raise InputError(f"--out {out}: no such folder (the tables are made from a sweep's results there)")
     done = read_results(out)
     rows = [(c, done[c.key]) for c in every if c.key in done]
     axes = list(spec.get("axes", {}))
     names = [m for m in METRICS if any(m in t for _, r in rows for t in r["metrics"])]
-    with open(out / "results.csv.tmp", "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["key", "case", *axes, "target", *names])
-        for c, r in rows:
-            for t, m in enumerate(r["metrics"]):
-                w.writerow([c.key, c.case, *(value_text(r["axes"][a]) for a in axes), t,
-                            *(f"{m[x]:.6g}" if x in m else "" for x in names)])
-    os.replace(out / "results.csv.tmp", out / "results.csv")
+    table = io.StringIO()
+    w = csv.writer(table)
+    w.writerow(["key", "case", *axes, "target", *names])
+    for c, r in rows:
+        for t, m in enumerate(r["metrics"]):
+            w.writerow([c.key, c.case, *(value_text(r["axes"][a]) for a in axes), t,
+                        *(f"{m[x]:.6g}" if x in m else "" for x in names)])
+    write_text(out / "results.csv", table.getvalue())
     lines = [f"# Sweep summary\n\n{len(rows)} of {len(every)} cells done; each figure is the mean ± sd over "
              "cases, seeds, targets and the other axes.\n"]
     for axis in axes:
@@ -348,34 +476,54 @@ def report(spec: dict, every: list[Cell], out: Path):
             per = {x: [t[x] for r in picked for t in r["metrics"] if x in t] for x in names}
             lines.append("| " + " | ".join([value_text(value), str(len(picked)), *(mean_sd(per[x]) for x in names)])
                          + " |")
-    (out / "summary.md.tmp").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(out / "summary.md.tmp", out / "summary.md")
-    for axis in axes:
-        sheet(spec, every, done, axis, out)
+    write_text(out / "summary.md", "\n".join(lines) + "\n")
+    written = [out / "results.csv", out / "summary.md", *(sheet(spec, every, done, axis, out) for axis in axes)]
+    for path in written:
+        print(f"wrote {path}", file=sys.stderr)
 
 
-def sheet(spec: dict, every: list[Cell], done: dict, axis: str, out: Path):
-    """Rows: the source, then one row per value of `axis`; columns: the cases. The other axes
-    stay at their first values; a cell not run yet is a grey tile."""
+# what the source row's pixels depend on: the edit changes only the targets
+SOURCE_FIELDS = ("source", "seed", "steps", "guidance", "sampler", "height", "width", "image", "inversion", "method",
+                 "inner_steps", "offsets")
+
+
+def sheet(spec: dict, every: list[Cell], done: dict, axis: str, out: Path) -> Path:
+    """Rows: the source (under the photo, for photo cases), then one row per value of `axis`, with
+    the source again before a value that changes it (a seed does); columns: the cases. The other
+    axes stay at their first values; a cell not run yet is a grey tile."""
     firsts = {a: v[0] for a, v in spec["axes"].items()}
     cases = list(dict.fromkeys(c.case for c in every))
+    index = {(c.case, json.dumps(c.axes)): c for c in every}
+    photos = any(c.record.image for c in every)
 
-    def find(case, value):
-        want = {**firsts, axis: value}
-        return next((done.get(c.key) for c in every if c.case == case and dict(c.axes) == want), None)
-
-    def tile(row, name):
+    def tile(cell, name):
+        row = done.get(cell.key) if cell is not None else None
         if row is None:
             return None
-        with Image.open(out / (row["images"]["source"] if name == "source" else row["images"]["targets"][0])) as im:
+        path = row["images"]["targets"][0] if name == "target" else row["images"].get(name)
+        if path is None:
+            return "generated"                     # no photo: the case samples its source
+        with Image.open(out / path) as im:
             return im.convert("RGB")
 
-    first = [tile(find(c, spec["axes"][axis][0]), "source") for c in cases]
-    size = next((t.size for t in first if t is not None), (128, 128))
-    grey = Image.new("RGB", size, (200, 200, 200))
-    rows = [output.labelled_row([output.text_tile("source", size), *(t or grey for t in first)], ["", *cases])]
+    lines, last = [], None                          # (title, tiles), the source fields shown last
     for value in spec["axes"][axis]:
-        tiles = [tile(find(c, value), "target") for c in cases]
-        title = output.text_tile(f"{axis} = {value_text(value)}", size)
-        rows.append(output.labelled_row([title, *(t or grey for t in tiles)], [""] * (1 + len(cases))))
-    output.save_image(out / f"sheet-{axis}.png", viz.stack(rows), {"software": "p2p sweep", "axis": axis})
+        picked = [index.get((case, json.dumps(tuple({**firsts, axis: value}.items())))) for case in cases]
+        sources = [c and json.dumps([getattr(c.record, f) for f in SOURCE_FIELDS]) for c in picked]
+        if sources != last:
+            at = "" if last is None else f", {axis} = {value_text(value)}"
+            if photos:
+                lines.append((f"photo{at}", [tile(c, "photo") for c in picked]))
+            lines.append((f"source{at}", [tile(c, "source") for c in picked]))
+            last = sources
+        lines.append((f"{axis} = {value_text(value)}", [tile(c, "target") for c in picked]))
+    size = next((t.size for _, tiles in lines for t in tiles if isinstance(t, Image.Image)), (128, 128))
+    grey = Image.new("RGB", size, (200, 200, 200))
+    rows = []
+    for i, (title, tiles) in enumerate(lines):
+        tiles = [output.text_tile(t, size) if isinstance(t, str) else t or grey for t in tiles]
+        rows.append(output.labelled_row([output.text_tile(title, size), *tiles], ["", *(cases if i == 0 else
+                                                                                       [""] * len(cases))]))
+    path = out / f"sheet-{axis}.png"
+    output.save_image(path, viz.stack(rows), {"software": "p2p sweep", "axis": axis})
+    return path

@@ -68,29 +68,47 @@ def test_the_border_is_edited_as_pie_bench_forces_it():
 
 
 def test_the_mapping_is_read_brackets_stripped_and_bad_entries_named(tmp_path, capsys):
-    items = pie.read(write_set(tmp_path))
+    items, bad = pie.read(write_set(tmp_path))
     cat = items[0]
     assert (cat.source, cat.target, cat.type, cat.blended) == ("a cat sitting on a mat", "a dog sitting on a mat",
                                                                 1, ("cat", "dog"))
+    assert bad == {}
     r = pie.protocol(cat, "direct")
     assert (r.mode, r.cross_steps, r.self_steps, r.self_max_tokens, r.steps, r.guidance, r.method) == \
         ("refine", 0.4, 0.6, 1024, 50, 7.5, "direct")
     assert r.blend == (("cat",), ("dog",)) and r.reweight == {"dog": 2.0} and r.blend_start == 0.2
     assert pie.protocol(items[1], "ddim").blend == () and pie.protocol(items[1], "ddim").reweight == {}
-    mapping = json.loads((tmp_path / "mapping_file.json").read_text())
-    mapping["200000000002"]["mask"] = [1, 2, 3]
+
+
+MASK = "mask: run-length pairs [start, length, ...] of non-negative integers"
+
+
+@pytest.mark.parametrize("field, value, why", [
+    ("mask", [1, 2, 3], MASK),
+    ("mask", [True, True], MASK),                                  # bools are ints to Python: not a run
+    ("mask", [-5, 10], MASK),
+    ("mask", [1000000000, 10], "mask: the run [1000000000, 10] ends past the 512 x 512 grid's 262144 pixels"),
+    ("mask", [262140, 5], "mask: the run [262140, 5] ends past"),
+    ("blended_word", "cat", "blended_word: 'SOURCE TARGET' or '', got 'cat'"),
+    ("blended_word", "a b c", "blended_word: 'SOURCE TARGET' or '', got 'a b c'"),
+    ("editing_type_id", "12", "editing_type_id: 0 to 9, got '12'"),
+])
+def test_one_odd_item_is_skipped_with_its_id_and_why_and_the_rest_read(field, value, why, tmp_path):
+    mapping = json.loads((write_set(tmp_path) / "mapping_file.json").read_text())
+    mapping["200000000002"][field] = value
     (tmp_path / "mapping_file.json").write_text(json.dumps(mapping))
-    assert main(["bench", "pie", "--data", str(tmp_path), "--weights", "w.safetensors", "--out", str(tmp_path / "o")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["p2p bench: error: mapping_file.json['200000000002'].mask: run-length pairs [start, length, ...] "
-                   "of non-negative integers"]
-    assert not (tmp_path / "o").exists()
+    items, bad = pie.read(tmp_path)
+    assert [i.id for i in items] == ["100000000001", "900000000003"]
+    assert list(bad) == ["200000000002"] and bad["200000000002"][1].startswith(why)
+    assert bad["200000000002"][0] == (None if field == "editing_type_id" else 2)
+    assert pie.select(items, bad, [1], None)[1] == ({"200000000002": bad["200000000002"][1]}
+                                                    if field == "editing_type_id" else {})
 
 
 def test_the_limit_takes_the_first_photos_of_each_type(tmp_path):
-    items = pie.read(write_set(tmp_path))
-    assert [i.id for i in pie.select(items, [1, 9], None)] == ["100000000001", "900000000003"]
-    assert len(pie.select(items, None, 1)) == 3
+    items, bad = pie.read(write_set(tmp_path))
+    assert [i.id for i in pie.select(items, bad, [1, 9], None)[0]] == ["100000000001", "900000000003"]
+    assert len(pie.select(items, bad, None, 1)[0]) == 3
 
 
 # ---- the scores ---------------------------------------------------------------------------
@@ -145,7 +163,7 @@ def test_the_synthetic_set_runs_for_all_methods_and_the_table_is_its_results(tin
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert sorted((r["id"], r["method"]) for r in rows) == sorted(
         (i, m) for i in ("100000000001", "200000000002", "900000000003") for m in pie.METHODS)
-    items = {i.id: i for i in pie.read(data)}
+    items = {i.id: i for i in pie.read(data)[0]}
     for r in rows:                                 # the background scores, recomputed from the saved images by hand
         photo, edit = (np.asarray(Image.open(out / r["images"][k]), dtype=np.float64) / 255 for k in ("photo", "edit"))
         keep = ~pie.mask_at(items[r["id"]], 64).numpy()[..., None]
@@ -185,7 +203,7 @@ def test_shards_take_their_cells_and_the_report_joins_them(tiny_file, tmp_path, 
     assert sorted(p.name for p in out.glob("results*.jsonl")) == ["results.0-of-2.jsonl", "results.1-of-2.jsonl"]
     assert main([*base, "--report"]) == 0
     table = (out / "table.md").read_text()
-    assert "4 of 4 cells done (2 photos" in table and "| DDIM + P2P |" in table
+    assert "2 of 2 photos done by ddim, negative-prompt." in table and "| DDIM + P2P |" in table
 
 
 def test_a_blended_word_missing_from_its_prompt_skips_the_photo_with_why(tiny_file, tmp_path, capsys):
@@ -198,14 +216,68 @@ def test_a_blended_word_missing_from_its_prompt_skips_the_photo_with_why(tiny_fi
                  "--methods", "ddim", "--types", "1,2", "--clip", "none", "--dino", "none", "--lpips", "none"]) == 0
     table = (out / "table.md").read_text()
     assert "1 photos skipped before sampling: 100000000001: " in table and "'cats' is not in the prompt" in table
-    assert "1 of 1 cells done" in table
+    assert "1 of 1 photos done by ddim; 1 photos skipped (below)" in table
 
 
 def test_no_inversion_is_left_behind_and_absent_lpips_has_no_column(tiny_file, tmp_path, capsys):
     data, out = write_set(tmp_path / "pie"), tmp_path / "out"
     assert main(["bench", "pie", "--data", str(data), "--weights", str(tiny_file), "--out", str(out), *FAST,
                  "--methods", "null-text", "--types", "1,9", "--clip", "none", "--dino", "none", "--lpips", "none"]) == 0
-    assert "wrote" not in capsys.readouterr().err.replace(f"wrote {out / 'table.md'}", "")
-    assert not any((out / "inversions").iterdir())
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("wrote")] == [
+        f"wrote {out / 'results.jsonl'} (+2 cells) and their images in {out / 'cells'}", f"wrote {out / 'table.md'}",
+        f"wrote {out / 'sheet.png'}"]                  # every file named, and no inversion among them
+    assert not (out / "inversions").exists()
     table = (out / "table.md").read_text()
     assert "LPIPS ×10³" not in table and "| Null-text + P2P | - | - | - |" in table   # type 9: all masked
+
+
+@pytest.mark.parametrize("base, words", [
+    (["height=63"], "p2p bench: error: width and height must be positive multiples of 8 (got 64x63)"),
+    (["height=128"], "p2p bench: error: --base: photos are edited square, got width 64 and height 128"),
+    (["sampler=plms"], "p2p bench: error: --base.sampler plms cannot edit a photo"),
+    (["method=ddim"], "p2p bench: error: --base method: each photo's --methods sets it, give --methods"),
+    (["source=a dog"], "p2p bench: error: --base source: each photo's original_prompt sets it"),
+    (["steps=2", "steps=3"], "p2p bench: error: --base steps given twice"),
+])
+def test_a_bad_base_is_refused_up_front_not_found_in_every_photo(base, words, tiny_file, tmp_path, capsys):
+    data, out = write_set(tmp_path / "pie"), tmp_path / "out"
+    code = main(["bench", "pie", "--data", str(data), "--weights", str(tiny_file), "--out", str(out),
+                 "--base", "width=64", *base, "--methods", "ddim"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith(words), err
+    assert not out.exists()
+
+
+def test_no_photo_left_and_a_report_of_no_folder_are_refused(tiny_file, tmp_path, capsys):
+    data, out = write_set(tmp_path / "pie"), tmp_path / "out"
+    mapping = json.loads((data / "mapping_file.json").read_text())
+    mapping["100000000001"]["blended_word"] = "cats dog"
+    (data / "mapping_file.json").write_text(json.dumps(mapping))
+    base = ["bench", "pie", "--data", str(data), "--weights", str(tiny_file), "--out", str(out), *FAST,
+            "--methods", "ddim"]
+    assert main([*base, "--types", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("p2p bench: error: no photo left to edit: all 1 skipped "
+                                               "(100000000001: "), err
+    assert main([*base, "--report"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"p2p bench: error: --out {out}: no such folder (the tables are made from a run's results there)"]
+    assert not out.exists()
+
+
+def test_the_sheet_shows_the_prompts(tmp_path, monkeypatch):
+    (tmp_path / "cells").mkdir()
+    rows = []
+    for id_, t in (("100000000001", 1), ("200000000002", 2)):
+        names = {k: f"cells/{id_}.{k}.png" for k in ("photo", "reconstruction", "edit")}
+        for name in names.values():
+            Image.new("RGB", (64, 64), (id_[0] == "1") * 255).save(tmp_path / name)
+        rows.append({"id": id_, "type": t, "method": "ddim", "images": names,
+                     "record": {"source": f"source {id_}", "targets": [f"target {id_}"]}})
+    labels = []
+    real = pie.output.labelled_row
+    monkeypatch.setattr(pie.output, "labelled_row", lambda tiles, names: labels.append(names) or real(tiles, names))
+    assert pie.sheet(rows, ["ddim"], tmp_path) == tmp_path / "sheet.png"
+    assert labels == [["", "source 100000000001", "DDIM: reconstruction", "DDIM: target 100000000001"],
+                      ["", "source 200000000002", "DDIM: reconstruction", "DDIM: target 200000000002"]]
