@@ -1,6 +1,7 @@
 """A checkpoint's files: safetensors only (pickles are refused, never opened by torch), the
-header alone or every tensor cast as it is read, the files of a folder's components, and the
-fingerprint that tells checkpoints apart without reading them whole."""
+header alone (checked against its file) or every tensor cast as it is read, the weight and
+config files of a folder's components, and the fingerprint that tells checkpoints apart
+without reading them whole. Whatever is malformed is one InputError, never a traceback."""
 import hashlib
 import json
 import math
