@@ -222,8 +222,8 @@ def parser() -> argparse.ArgumentParser:
                    help="local blend: remove these words' regions from the mask; one comma-separated list "
                    "per prompt, source first (the null-text notebook's substruct_words)")
     p.add_argument("--blend-mask", type=Path, metavar="MASK", help="local blend inside a region you drew instead "
-                   "of words' attention: an image whose bright pixels (> 127) mark it, resized to the latents; where it has "
-                   "alpha, transparent pixels are outside")
+                   "of words' attention: an image whose bright pixels (> 127) mark it, resized to the latents; "
+                   "where it has alpha, transparent pixels are outside")
     p.add_argument("--replace-mapper", choices=["aligned", "official"], default="aligned",
                    help="replace: aligned (default) keeps the tokens after a swapped word aligned; official "
                    "is the authors' mapper, which shifts them when the swapped words' token counts differ (on our "

@@ -2,9 +2,10 @@
 
 An edit of a photo starts from an inversion: one given as `inversion` must have been made for
 the same prompt, photo, size, steps (and guidance, for null-text) and weights (their
-fingerprint), and it fixes the method, inner steps and offsets; without one, the edit inverts first and keeps the result in a cache folder (next
-to its output, for the CLI) as PHOTO.KEY.inversion.safetensors, KEY a hash of every setting,
-reused by the next edit with the same settings. A file of that name that is not such an
+fingerprint), and it fixes the method, inner steps and offsets; without one, the edit inverts
+first and keeps the result in a cache folder (next to its output, for the CLI) as
+PHOTO.KEY.inversion.safetensors, KEY a hash of every setting, reused by the next edit with the
+same settings. A file of that name that is not such an
 inversion is never overwritten. Everything up to `prepare` runs without the model.
 """
 import dataclasses
@@ -132,10 +133,10 @@ def fixed_by(path: Path, inv: Inversion, record) -> dict:
     if s["method"] == "null-text":
         fixed["inner_steps"] = int(s["inner_steps"])
     default = type(record)(record.source, record.targets, record.mode)
+    text = lambda v: ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
     for field, value in fixed.items():
         chosen = getattr(record, field)
         if chosen != value and chosen != getattr(default, field):
-            text = lambda v: ",".join(map(str, v)) if field == "offsets" else str(v)
             raise InputError(f"{FIXED[field]} {text(chosen)}: the inversion {path} was made with "
                              f"{field.replace('_', ' ')} {text(value)}; the file fixes it, so leave {FIXED[field]} "
                              "out, or invert again without --inversion")

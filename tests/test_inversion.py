@@ -149,8 +149,8 @@ def test_identity_edit_reproduces_the_reconstruction(tiny, inverted):
 
     def edit_to(target):
         prompts = [SQUARE, target]
-        return sampler.generate(tiny, prompts, edit=edits.PromptToPrompt(tok, prompts, 3, cross=edits.Replace(tok, prompts)),
-                                **start)
+        edit = edits.PromptToPrompt(tok, prompts, 3, cross=edits.Replace(tok, prompts))
+        return sampler.generate(tiny, prompts, edit=edit, **start)
 
     pair, alone = sampler.generate(tiny, [SQUARE, SQUARE], **start), sampler.generate(tiny, [SQUARE], **start)[0]
     floor = max((pair[0] - pair[1]).abs().max(), (pair[0] - alone).abs().max(), (pair[1] - alone).abs().max()).item()
