@@ -404,7 +404,7 @@ def sweep(spec: dict, weights: Path, out: Path, shard: tuple[int, int] = (0, 1),
     any; CLIP and DINO from their folders, skipped with a note where absent), then write the
     tables and sheets from every shard's results so far."""
     count = shape(spec)[3]
-    if count >= 1000:            # building and checking them takes a while: say how many first
+    if 1000 <= count <= MAX_CELLS:       # building and checking them takes a while: say how many first
         print(f"sweep: checking {count:,} cells", file=sys.stderr)
     every = cells(spec, overrides)
     check_cells(every, weights, out, prediction)
@@ -521,9 +521,9 @@ def sheet(spec: dict, every: list[Cell], done: dict, axis: str, out: Path) -> Pa
     grey = Image.new("RGB", size, (200, 200, 200))
     rows = []
     for i, (title, tiles) in enumerate(lines):
-        tiles = [output.text_tile(t, size) if isinstance(t, str) else t or grey for t in tiles]
-        rows.append(output.labelled_row([output.text_tile(title, size), *tiles], ["", *(cases if i == 0 else
-                                                                                       [""] * len(cases))]))
+        tiles = [output.text_tile(title, size), *(output.text_tile(t, size) if isinstance(t, str) else t or grey
+                                                  for t in tiles)]
+        rows.append(output.labelled_row(tiles, ["", *(cases if i == 0 else [""] * len(cases))]))
     path = out / f"sheet-{axis}.png"
     output.save_image(path, viz.stack(rows), {"software": "p2p sweep", "axis": axis})
     return path

@@ -66,6 +66,7 @@ def test_bad_specs_are_refused_before_the_model_loads(change, words, tiny_file, 
     code = main(["sweep", str(tmp_path / "spec.json"), "--weights", str(tiny_file), "--out", str(tmp_path / "s")])
     err = capsys.readouterr().err
     assert code == 2 and words in err and "loaded" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "s").exists()                       # nothing made before every cell is checked
 
 
 def test_a_sweep_resumes_where_it_was_stopped_and_its_summary_is_the_saved_images(tiny_file, tmp_path, monkeypatch):
@@ -198,3 +199,134 @@ def test_the_sweep_folder_is_made_with_its_parents(tiny_file, tmp_path, capsys):
     assert main(["sweep", str(tmp_path / "spec.json"), "--weights", str(tiny_file),
                  "--out", str(tmp_path / "file" / "x")]) == 2
     assert "cannot make the sweep folder" in capsys.readouterr().err
+
+
+def run_cli(tmp_path, spec, *flags):
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    return main(["sweep", str(tmp_path / "spec.json"), "--out", str(tmp_path / "s"), *flags])
+
+
+ONE = {**SPEC, "cases": SPEC["cases"][:1], "axes": {"seed": [0, 1]}}
+
+
+@pytest.mark.parametrize("env, words", [
+    ({"RANK": "abc", "WORLD_SIZE": "4"}, "RANK='abc': not an integer"),
+    ({"RANK": "0", "WORLD_SIZE": "0"}, "RANK=0 WORLD_SIZE=0: shard 0 of 0; need 0 <= K < N"),
+    ({"RANK": "4", "WORLD_SIZE": "4"}, "RANK=4 WORLD_SIZE=4: shard 4 of 4; need 0 <= K < N"),
+    ({"SLURM_ARRAY_TASK_ID": "x", "SLURM_ARRAY_TASK_COUNT": "4"}, "SLURM_ARRAY_TASK_ID='x': not an integer"),
+    ({"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "four"}, "SLURM_ARRAY_TASK_COUNT='four': not an integer"),
+    ({"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "0"}, "shard 1 of 0; need 0 <= K < N"),
+    ({"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_MIN": "y"},
+     "SLURM_ARRAY_TASK_MIN='y': not an integer"),
+])
+def test_a_bad_shard_in_the_environment_is_one_line(env, words, tiny_file, tmp_path, monkeypatch, capsys):
+    for name in ("RANK", "WORLD_SIZE", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert run_cli(tmp_path, ONE, "--weights", str(tiny_file)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("p2p sweep: error: ") and words in err[0], err
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("spec, base, words", [
+    ({**ONE, "axes": {"seed": [0, 0]}}, [], "spec.axes.seed[1]: 0 again (as [0]): each cell would run twice"),
+    ({**ONE, "axes": {"cross_steps": [0.5, [0.2, 0.4], "0.2:0.4"]}}, [], "spec.axes.cross_steps[2]: 0.2:0.4 again"),
+    ({**ONE, "axes": {"seed": [0, 1, 0], "guidance": [5, 6, 5]}, "combine": "zip"}, [],
+     "spec.cases[0] (cat, cell 2): the same experiment as cell 0 (cat, seed 0, guidance 5); it would run twice"),
+    ({**ONE, "cases": [SPEC["cases"][0], {**SPEC["cases"][0], "name": "again"}]}, [],
+     "spec.cases[1] (again, cell 2): the same experiment as cell 0 (cat, seed 0)"),
+    (ONE, ["seed=5"], "--base seed: seed is an axis of the spec (spec.axes.seed), which sets it per cell"),
+    (ONE, ["source=a cow"], "--base source: spec.cases[0] sets source, and a case's own fields come first"),
+    (ONE, ["steps=2", "steps=3"], "--base steps given twice"),
+    ({**ONE, "axes": {"seed": list(range(2000)), "guidance": list(range(1000))}}, [],
+     "spec: 2,000,000 cells (1 cases x 2,000,000 combinations of the axes), more than a sweep takes (100,000)"),
+])
+def test_a_cell_never_runs_twice_and_base_never_goes_unheard(spec, base, words, tiny_file, tmp_path, capsys):
+    assert run_cli(tmp_path, spec, "--weights", str(tiny_file), *(["--base", *base] if base else [])) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0], err
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_large_grid_says_its_size_before_checking_it(tiny_file, tmp_path, capsys):
+    spec = {**ONE, "cases": [{**SPEC["cases"][0], "blend": [["cow"], ["dog"]]}], "axes": {"seed": list(range(1000))}}
+    assert run_cli(tmp_path, spec, "--weights", str(tiny_file)) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "checking cells" not in line]
+    assert err[0] == "sweep: checking 1,000 cells" and "word 'cow' is not in the prompt" in err[-1]
+
+
+def test_a_report_of_no_folder_is_one_line_and_makes_none(tmp_path, capsys):
+    assert run_cli(tmp_path, ONE, "--report") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"p2p sweep: error: --out {tmp_path / 's'}: no such folder (the tables are made from a sweep's "
+                   "results there)"]
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_second_run_of_a_shard_stops_and_a_killed_ones_lock_blocks_no_one(tiny_file, tmp_path, capsys):
+    import os
+    import signal
+    import subprocess
+    import sys
+    out = tmp_path / "s"
+    out.mkdir()
+    # a run of shard 0/1, killed while it holds its lock: the kernel drops the lock with the process
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; from p2p import sweep\n"
+                               f"with sweep.hold(Path({str(out)!r}), (0, 1)):\n print('held', flush=True); "
+                               "time.sleep(600)"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    (tmp_path / "spec.json").write_text(json.dumps(ONE))
+    base = ["sweep", str(tmp_path / "spec.json"), "--weights", str(tiny_file), "--out", str(out), "--base", "steps=1"]
+    for flags, words in (([], f"shard 0/1 is already running (pid {holder.pid} on "),
+                         (["--shard", "1/2"], f"another process runs it in 1 shards (pid {holder.pid} on ")):
+        assert main([*base, *flags]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0], err
+    assert not list(out.glob("results*.jsonl"))
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+    assert (out / "results.lock").read_text().startswith(f"pid {holder.pid} on ")   # left behind by the kill
+    assert main(base) == 0, capsys.readouterr().err
+    assert len((out / "results.jsonl").read_text().splitlines()) == 2 and not (out / "results.lock").exists()
+
+
+def test_sheets_show_each_distinct_source_and_a_photo_case_its_photo(tmp_path, monkeypatch):
+    (tmp_path / "photo.png").write_bytes(b"")
+    photo = {"name": "photo", "source": HOUSE, "targets": [HOUSE + " at winter"], "mode": "refine",
+             "image": str(tmp_path / "photo.png"), "method": "ddim"}
+    spec = {**SPEC, "cases": [SPEC["cases"][0], photo], "axes": {"seed": [0, 1], "self_max_tokens": [0, 256]}}
+    every = sweep.cells(spec)
+    (tmp_path / "cells").mkdir()
+    done = {}
+    for c in every:
+        names = {"source": f"cells/{c.key}.source.png", "targets": [f"cells/{c.key}.target0.png"]}
+        if c.case == "photo":
+            names["photo"] = f"cells/{c.key}.photo.png"
+        for name in [names["source"], *names["targets"], *([names["photo"]] if "photo" in names else [])]:
+            Image.new("RGB", (32, 32)).save(tmp_path / name)
+        done[c.key] = {"images": names}
+    titles = []
+    real = sweep.output.text_tile
+    monkeypatch.setattr(sweep.output, "text_tile", lambda text, size: titles.append(text) or real(text, size))
+    sweep.sheet(spec, every, done, "seed", tmp_path)
+    assert titles == ["photo", "generated", "source", "seed = 0", "photo, seed = 1", "generated", "source, seed = 1",
+                      "seed = 1"]                 # "generated": the prompt case has no photo
+    titles.clear()
+    sweep.sheet(spec, every, done, "self_max_tokens", tmp_path)
+    assert titles == ["photo", "generated", "source", "self_max_tokens = 0", "self_max_tokens = 256"]
+
+
+def test_a_photo_case_keeps_its_photo_beside_its_reconstruction(tiny, tiny_file, tmp_path):
+    import numpy as np
+    pixels = (np.linspace(0, 255, 64)[None, :, None] * np.ones((64, 1, 3))).astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "photo.png")
+    spec = {"base": {"steps": 2, "height": 64, "width": 64, "method": "ddim"}, "axes": {"seed": [0]},
+            "cases": [{"name": "photo", "source": HOUSE, "targets": [HOUSE + " at winter"], "mode": "refine",
+                       "image": str(tmp_path / "photo.png")}]}
+    sweep.sweep(spec, tiny_file, tmp_path / "s", load_model=lambda: tiny)
+    (row,) = sweep.read_results(tmp_path / "s").values()
+    saved = np.asarray(Image.open(tmp_path / "s" / row["images"]["photo"]), dtype=int)
+    assert np.abs(saved - pixels).max() <= 1                   # the photo as the model saw it (8-bit round trip)
+    assert (np.asarray(Image.open(tmp_path / "s" / row["images"]["source"]), dtype=int) != saved).any()
