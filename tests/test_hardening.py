@@ -525,3 +525,10 @@ def test_link_loops_empty_paths_and_unknown_recipe_fields_are_one_line(tiny_file
     (tmp_path / "r.json").write_text(json.dumps({"source": CAT, "targets": [DOG], "mode": "replace", "colour": 1}))
     refused(capsys, tmp_path, ["edit", "--weights", tiny_file, "--recipe", tmp_path / "r.json", "--out",
                                tmp_path / "e.png"], f"--recipe {tmp_path / 'r.json'}: unknown field 'colour'")
+
+
+def test_a_recipe_number_past_floats_range_is_one_line(tiny_file, tmp_path, capsys):
+    (tmp_path / "r.json").write_text(json.dumps({"source": CAT, "targets": [DOG], "mode": "replace",
+                                                 "guidance": 10 ** 400}))   # JSON integers have no limit
+    refused(capsys, tmp_path, ["edit", "--weights", tiny_file, "--recipe", tmp_path / "r.json", "--out",
+                               tmp_path / "e.png"], "--guidance: must be a finite number")
