@@ -52,6 +52,13 @@ def finite(text: str) -> float:
     return value
 
 
+def path(text: str) -> Path:
+    """A file or folder flag: "" is refused (Path("") would quietly be the working directory)."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path")
+    return Path(text)
+
+
 def seed(text: str) -> int:
     try:
         value = int(text)
@@ -142,7 +149,7 @@ def numbers(low: int, high: int):
 # ---- the parser ------------------------------------------------------------------------
 
 def add_model_args(p: argparse.ArgumentParser):
-    p.add_argument("--weights", type=Path, required=True, help="SD v1 or 2.x checkpoint: a .safetensors file "
+    p.add_argument("--weights", type=path, required=True, help="SD v1 or 2.x checkpoint: a .safetensors file "
                    "(LDM layout) or a diffusers-layout folder (get one with `p2p download`)")
     p.add_argument("--device", choices=["cpu", "cuda", "mps"], help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and activations (default "
@@ -188,13 +195,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for several")
     p.add_argument("--negative", default="", help='unconditional prompt of guidance (default "")')
     add_sampling_args(p)
-    p.add_argument("--out", type=Path, required=True, help="image (.png with the settings as metadata, "
+    p.add_argument("--out", type=path, required=True, help="image (.png with the settings as metadata, "
                    ".jpg, .webp): the images side by side, labelled")
-    p.add_argument("--latents-out", type=Path, help="safetensors: final latents [n_prompts, 4, H/8, W/8]")
+    p.add_argument("--latents-out", type=path, help="safetensors: final latents [n_prompts, 4, H/8, W/8]")
 
     p = commands.add_parser("edit", help="Prompt-to-Prompt: edit a source prompt's image into target prompts")
     add_model_args(p)
-    p.add_argument("--recipe", type=Path, help="re-run an earlier result exactly: its image or latents file "
+    p.add_argument("--recipe", type=path, help="re-run an earlier result exactly: its image or latents file "
                    "(or a JSON experiment record); the edit's flags given with it change single fields")
     p.add_argument("--source", help="the source prompt (required without --recipe)")
     p.add_argument("--target", action="append", default=[], help="a target prompt; repeat for several")
@@ -221,7 +228,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--blend-subtract", nargs="+", action="extend", default=[], metavar="WORDS",
                    help="local blend: remove these words' regions from the mask; one comma-separated list "
                    "per prompt, source first (the null-text notebook's substruct_words)")
-    p.add_argument("--blend-mask", type=Path, metavar="MASK", help="local blend inside a region you drew instead "
+    p.add_argument("--blend-mask", type=path, metavar="MASK", help="local blend inside a region you drew instead "
                    "of words' attention: an image whose bright pixels (> 127) mark it, resized to the latents; "
                    "where it has alpha, transparent pixels are outside")
     p.add_argument("--replace-mapper", choices=["aligned", "official"], default="aligned",
@@ -237,22 +244,22 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--self-sites", default="", metavar="ITEMS", help="the layers of the self-attention "
                    "injection, as --cross-sites; --self-max-tokens applies on top (default: every layer)")
     add_sampling_args(p)
-    p.add_argument("--out", type=Path, required=True, help="image (.png, .jpg, .webp): source and targets "
+    p.add_argument("--out", type=path, required=True, help="image (.png, .jpg, .webp): source and targets "
                    "side by side, labelled")
-    p.add_argument("--latents-out", type=Path, help="safetensors: final latents [1 + n_targets, 4, H/8, W/8]")
-    p.add_argument("--maps-out", type=Path, help="image: per-token cross-attention maps of every prompt")
+    p.add_argument("--latents-out", type=path, help="safetensors: final latents [1 + n_targets, 4, H/8, W/8]")
+    p.add_argument("--maps-out", type=path, help="image: per-token cross-attention maps of every prompt")
     p.add_argument("--maps-res", type=at_least(1), default=16, help="resolution of the maps --maps-out "
                    "draws (default 16; the short side / 32 for a model native to another size)")
-    p.add_argument("--image", type=Path, help="edit this photo (--source describes it) instead of sampling from "
+    p.add_argument("--image", type=path, help="edit this photo (--source describes it) instead of sampling from "
                    "--seed; square, --height = --width")
-    p.add_argument("--inversion", type=Path, help="the photo's inversion from `p2p invert`, which fixes the "
+    p.add_argument("--inversion", type=path, help="the photo's inversion from `p2p invert`, which fixes the "
                    "method, inner steps and offsets (default: invert first, keeping the result as "
                    "OUT_DIR/PHOTO.KEY.inversion.safetensors, KEY a hash of the settings, for the next edit)")
     add_inversion_args(p)
 
     p = commands.add_parser("invert", help="invert a photo for editing: x_T and per-step null embeddings")
     add_model_args(p)
-    p.add_argument("--image", type=Path, required=True, help="the photo: any image Pillow reads")
+    p.add_argument("--image", type=path, required=True, help="the photo: any image Pillow reads")
     p.add_argument("--prompt", required=True, help="a caption of the photo; edit it later with --source PROMPT")
     add_inversion_args(p)
     p.add_argument("--steps", type=at_least(1), default=50, help="DDIM steps (default 50)")
@@ -261,7 +268,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=at_least(8), default=512, help="model image size: the photo is "
                    "centre-cropped to a square and resized to it (default: the model's native size, 512, or 768 for SD 2 at "
                    "768 px)")
-    p.add_argument("--out", type=Path, required=True, help="safetensors: x_T, z0, null_embeddings or "
+    p.add_argument("--out", type=path, required=True, help="safetensors: x_T, z0, null_embeddings or "
                    "trajectory, settings")
 
     p = commands.add_parser("maps", help="per-token cross-attention maps over the generated image")
@@ -274,7 +281,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sites", default="", metavar="ITEMS", help="average only these layers at --res, "
                    "PLACE:SIDE items as edit's --cross-sites (default: the down and up blocks)")
     add_sampling_args(p)
-    p.add_argument("--out", type=Path, required=True, help="image: the image, then one map per token")
+    p.add_argument("--out", type=path, required=True, help="image: the image, then one map per token")
     p.add_argument("--components", type=at_least(0), default=0, metavar="N",
                    help="also draw the top N principal components of self-attention at --res")
 
@@ -327,7 +334,7 @@ def parser() -> argparse.ArgumentParser:
                    "weights/lpips-squeeze.safetensors; skipped if absent)")
 
     p = commands.add_parser("sites", help="list every attention layer: call order, name, place, map size")
-    p.add_argument("--weights", type=Path, required=True, help="SD v1 or 2.x checkpoint (only its headers are read)")
+    p.add_argument("--weights", type=path, required=True, help="SD v1 or 2.x checkpoint (only its headers are read)")
     add_prediction_arg(p)
     p.add_argument("--height", type=at_least(8), default=512, help="image height (default: the model's native "
                    "size)")

@@ -41,7 +41,10 @@ def check_outputs(outputs: dict[str, tuple[Path | None, str]], inputs: dict[str,
     for flag, (path, kind) in outputs.items():
         if path is None:
             continue
-        real = path.resolve()
+        try:
+            real = path.resolve()
+        except (OSError, RuntimeError):   # RuntimeError: Python < 3.13 on a symbolic link loop
+            raise InputError(f"cannot write {flag} {path}: a loop of symbolic links") from None
         for name, source in inputs.items():
             if source is None or not present(source):   # present: a symlink loop is one line
                 continue
@@ -61,7 +64,7 @@ def same_file(a: Path, b: Path) -> bool:
     """Whether two paths name one file: the same resolved path, or (both there) the same inode."""
     try:
         return a.resolve() == b.resolve() or os.path.samefile(a, b)
-    except OSError:          # one of them is not there (yet)
+    except (OSError, RuntimeError):   # one of them is not there (yet), or a link loop (refused when read)
         return False
 
 
@@ -181,6 +184,9 @@ def read_recipe(path: Path) -> dict:
         raise InputError(f"--recipe {path}: cannot read it ({e})") from None
     if not isinstance(data, dict):
         raise InputError(f"--recipe {path}: an experiment record is a JSON object, got {type(data).__name__}")
+    unknown = [k for k in data if k not in record.FIELDS]
+    if unknown:
+        raise InputError(f"--recipe {path}: unknown field {unknown[0]!r} (the fields are {', '.join(record.FIELDS)})")
     return record.anchored(data, path.parent)
 
 

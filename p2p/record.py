@@ -84,9 +84,13 @@ def number(value) -> float:
             value = float(value)
         except ValueError:
             raise ValueError(f"not a number: {value!r}") from None
+    try:
+        value = float(value)
+    except OverflowError:   # an int past float's range (JSON has no limit on them)
+        raise ValueError(f"must be a finite number, got {value!r}") from None
     if not math.isfinite(value):
         raise ValueError(f"must be a finite number, got {value!r}")
-    return float(value)
+    return value
 
 
 def integer(value, low: int, high: float = math.inf) -> int:

@@ -510,3 +510,25 @@ def test_image_formats_limits_are_checked_before_sampling(tiny_file, tmp_path, c
     targets = [a for i in range(50) for a in ("--target", long.replace("photograph", "picture", i))]
     refused(capsys, tmp_path, ["edit", "--weights", tiny_file, "--source", long, *targets, "--mode", "refine",
                                *FAST, "--out", tmp_path / "e.jpg"], "do not fit a JPEG comment")
+
+
+def test_link_loops_empty_paths_and_unknown_recipe_fields_are_one_line(tiny_file, tmp_path, capsys):
+    (tmp_path / "loop1.png").symlink_to(tmp_path / "loop2.png")
+    (tmp_path / "loop2.png").symlink_to(tmp_path / "loop1.png")
+    generate = ["generate", "--weights", tiny_file, "--prompt", CAT, *FAST]
+    refused(capsys, tmp_path, [*generate, "--out", tmp_path / "loop1.png"], "a loop of symbolic links")
+    refused(capsys, tmp_path, ["generate", "--weights", tmp_path / "loop1.png", "--prompt", CAT, *FAST,
+                               "--out", tmp_path / "g.png"], "does not exist")
+    for argv in ([*generate, "--out", ""], ["generate", "--weights", "", "--prompt", CAT, "--out", tmp_path / "g.png"],
+                 ["edit", "--weights", tiny_file, "--recipe", "", "--out", tmp_path / "e.png"]):
+        refused(capsys, tmp_path, argv, "an empty path")
+    (tmp_path / "r.json").write_text(json.dumps({"source": CAT, "targets": [DOG], "mode": "replace", "colour": 1}))
+    refused(capsys, tmp_path, ["edit", "--weights", tiny_file, "--recipe", tmp_path / "r.json", "--out",
+                               tmp_path / "e.png"], f"--recipe {tmp_path / 'r.json'}: unknown field 'colour'")
+
+
+def test_a_recipe_number_past_floats_range_is_one_line(tiny_file, tmp_path, capsys):
+    (tmp_path / "r.json").write_text(json.dumps({"source": CAT, "targets": [DOG], "mode": "replace",
+                                                 "guidance": 10 ** 400}))   # JSON integers have no limit
+    refused(capsys, tmp_path, ["edit", "--weights", tiny_file, "--recipe", tmp_path / "r.json", "--out",
+                               tmp_path / "e.png"], "--guidance: must be a finite number")
