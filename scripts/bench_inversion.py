@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     print(f"{sd.name}, {args.size} px, float32, {torch.get_num_threads()} threads, {args.steps} steps")
 
     z0, t_encode = timed(inversion.encode, sd, image)
-    trajectory, t_ddim = timed(inversion.ddim_inversion, sd, z0, cond, args.steps)
+    _, t_ddim = timed(inversion.ddim_inversion, sd, z0, cond, args.steps)
     print(f"negative-prompt (and ddim, direct) inversion: {t_encode + t_ddim:.1f} s measured "
           f"(VAE encode {t_encode:.1f} s + DDIM inversion {t_ddim:.1f} s, {t_ddim / args.steps:.2f} s/step)")
 

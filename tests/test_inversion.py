@@ -202,6 +202,7 @@ def test_edit_a_photo_with_a_local_blend_then_reuse_its_inversion(tiny_file, pho
     assert latents.shape == (2, 4, 16, 16) and (latents[1] - latents[0]).abs().max() > 1e-3
     code, _, err = run(capsys, *argv, "--out", tmp_path / "again.png", "--latents-out", tmp_path / "again.safetensors")
     assert code == 0 and "reusing the inversion" in err and "null-text:" not in err
+    # bit for bit: the same batch, process and threads, and the file holds the float32 tensors it was made of
     assert torch.equal(load_file(tmp_path / "again.safetensors")["latents"], latents)
 
 
