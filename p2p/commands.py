@@ -340,7 +340,7 @@ def base_fields(items: list[str]) -> dict:
 
 
 def sweep(args):
-    from . import sweep as sweeps
+    from . import shards, sweep as sweeps
     spec = sweeps.read_spec(args.spec)
     overrides = base_fields(args.base)
     if args.report:
@@ -348,7 +348,7 @@ def sweep(args):
         return
     if args.weights is None:
         raise InputError("--weights is required (only --report works without a model)")
-    sweeps.sweep(spec, args.weights, args.out, sweeps.shard_of(args.shard), overrides,
+    sweeps.sweep(spec, args.weights, args.out, shards.shard_of(args.shard), overrides,
                  lambda: load_model(args.weights, args.device, args.dtype, args.prediction), args.dtype, args.clip,
                  args.dino, args.prediction)
 
@@ -356,7 +356,7 @@ def sweep(args):
 # ---- p2p bench pie ---------------------------------------------------------------------
 
 def bench(args):
-    from . import pie, sweep as sweeps
+    from . import pie, shards
     overrides = base_fields(args.base)
     if args.report:
         _, every, skipped = pie.plan(args.data, args.types, args.limit, args.methods, overrides, args.weights,
@@ -364,7 +364,7 @@ def bench(args):
         pie.report(every, skipped, args.methods, args.out)
         return
     table = pie.bench(args.data, args.weights, args.out, args.methods, args.types, args.limit,
-                      sweeps.shard_of(args.shard), overrides,
+                      shards.shard_of(args.shard), overrides,
                       lambda: load_model(args.weights, args.device, args.dtype, args.prediction),
                       args.dtype, args.clip, args.dino, args.lpips, args.prediction)
     print(table.read_text(encoding="utf-8").split("\n\n## ")[0])

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from models import InputError
 from models.checkpoint import load, prediction_of
 
-from . import metrics, output, photo, record, run, sampler, sweep, viz
+from . import metrics, output, photo, record, run, sampler, shards, sweep, viz
 from .memory import PeakMemory
 from .record import Experiment
 
@@ -114,7 +114,8 @@ def item(data: Path, key: str, entry) -> Item:
 
 def decode_mask(rle, border: bool = True) -> torch.Tensor:
     """The edit region [512, 512], True = edited: each pair (start, length) sets the row-major
-    pixels start .. start + length - 1 (cut at the grid's end). PIE-Bench then sets the border
+    pixels start .. start + length - 1 (cut at the grid's end, as PIE-Bench's decoder does; read
+    refuses such a run in the data). PIE-Bench then sets the border
     pixels to 1 "to avoid annotation errors"; `border` follows it, as its scores do."""
     flat = torch.zeros(SIZE * SIZE, dtype=torch.bool)
     for start, length in zip(rle[::2], rle[1::2]):
@@ -246,22 +247,22 @@ def bench(data: Path, weights: Path, out: Path, methods: list[str], types: list[
     results; returns the table's path."""
     items, every, skipped = plan(data, types, limit, methods, overrides, weights, out, prediction)
     check_model(every, weights, prediction)
-    sweep.make_folder(out)
+    shards.make_folder(out)
     k, n = shard
-    with sweep.hold(out, shard):
-        done = sweep.read_results(out)
+    with shards.hold(out, shard):
+        done = shards.read_results(out)
         todo = [c for c in every if c.index % n == k and c.key not in done]
         print(f"pie: {len({c.case for c in every})} photos x {len(methods)} methods ({len(skipped)} photos "
               f"skipped), {sum(c.index % n == k for c in every)} cells in shard {k}/{n}, {len(todo)} to run",
               file=sys.stderr)
         if todo:
             from .lpips import Lpips
-            sd, path = load_model(), sweep.results_file(out, shard)
+            sd, path = load_model(), shards.results_file(out, shard)
             nets = Nets(metrics.Clip.load(clip) if clip else None, metrics.Dino.load(dino) if dino else None,
                         Lpips.load(lpips) if lpips else None)
             by_id = {item.id: item for item in items}
             for cell in tqdm(todo, desc="photos x methods", file=sys.stderr):
-                sweep.append(path, run_cell(sd, cell, by_id[cell.case], weights, out, dtype, nets))
+                shards.append(path, run_cell(sd, cell, by_id[cell.case], weights, out, dtype, nets))
             print(f"wrote {path} (+{len(todo)} cells) and their images in {out / 'cells'}", file=sys.stderr)
     return report(every, skipped, methods, out)
 
@@ -337,7 +338,7 @@ def report(every: list[sweep.Cell], skipped: dict, methods: list[str], out: Path
     each named as written; returns the table's path."""
     if not out.is_dir():
         raise InputError(f"--out {out}: no such folder (the tables are made from a run's results there)")
-    done = sweep.read_results(out)
+    done = shards.read_results(out)
     rows = [done[c.key] for c in every if c.key in done]
     undefined = {m: sum(math.isnan(r["metrics"].get("mse", 0.0)) for r in rows if r["method"] == m) for m in methods}
     photos = {c.case: 0 for c in every}
@@ -360,7 +361,7 @@ def report(every: list[sweep.Cell], skipped: dict, methods: list[str], out: Path
         mine = [r for r in rows if r["type"] == t]
         if mine:
             lines += [f"\n## {t}. {name} ({len({r['id'] for r in mine})} photos)\n", *table(mine, methods)]
-    sweep.write_text(out / "table.md", "\n".join(lines) + "\n")
+    shards.write_text(out / "table.md", "\n".join(lines) + "\n")
     written = [out / "table.md", *([sheet(rows, methods, out)] if rows else [])]
     for path in written:
         print(f"wrote {path}", file=sys.stderr)

@@ -7,7 +7,7 @@ from PIL import Image
 
 from models import InputError
 from models.checkpoint import load
-from p2p import metrics, sweep
+from p2p import metrics, shards, sweep
 from p2p.cli import main
 
 from conftest import ROOT
@@ -35,17 +35,17 @@ def test_cells_are_every_case_times_the_grid_in_a_fixed_order():
 def test_shards_split_the_cells_and_come_from_the_flag_or_the_environment(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN"):
         monkeypatch.delenv(name, raising=False)
-    assert sweep.shard_of(None) == (0, 1) and sweep.shard_of("2/3") == (2, 3)
+    assert shards.shard_of(None) == (0, 1) and shards.shard_of("2/3") == (2, 3)
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "5")
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
     monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "3")
-    assert sweep.shard_of(None) == (2, 4)
+    assert shards.shard_of(None) == (2, 4)
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "8")
-    assert sweep.shard_of(None) == (1, 8)                  # torchrun's variables come first
+    assert shards.shard_of(None) == (1, 8)                  # torchrun's variables come first
     for bad in ("3/3", "a/b", "1"):
         with pytest.raises(InputError, match="shard"):
-            sweep.shard_of(bad)
+            shards.shard_of(bad)
 
 
 @pytest.mark.parametrize("change, words", [
@@ -89,7 +89,7 @@ def test_a_sweep_resumes_where_it_was_stopped_and_its_summary_is_the_saved_image
     monkeypatch.setattr(sweep, "run_cell", lambda sd, cell, *a: ran.append(cell.key) or real(sd, cell, *a))
     every = sweep.sweep(spec, tiny_file, out, load_model=lambda: sd)
     assert len(ran) == 16 and len(set(ran)) == 16              # the first five were not run again
-    done = sweep.read_results(out)
+    done = shards.read_results(out)
     assert set(done) == {c.key for c in every}
     assert sweep.sweep(spec, tiny_file, out, load_model=lambda: pytest.fail("nothing is left to run")) == every
 
@@ -165,7 +165,7 @@ def test_clip_and_dino_metrics_join_when_their_weights_are_there(tiny_file, nets
     code = main([*base, "--out", str(tmp_path / "with"), "--clip", str(nets / metrics.CLIP_FOLDER),
                  "--dino", str(nets / metrics.DINO_FOLDER)])
     assert code == 0, capsys.readouterr().err
-    rows = sweep.read_results(tmp_path / "with")
+    rows = shards.read_results(tmp_path / "with")
     net = sweep.Nets(metrics.Clip.load(nets / metrics.CLIP_FOLDER), metrics.Dino.load(nets / metrics.DINO_FOLDER))
     for row in rows.values():
         record = sweep.record.from_json(row["record"])
@@ -182,7 +182,7 @@ def test_edited_words_and_an_attention_region(tiny_file, tmp_path):
     spec = {"base": SPEC["base"], "cases": [{"name": "cat", "source": CAT, "targets": [DOG], "mode": "replace"}],
             "axes": {"seed": [0]}, "region": "attention", "region_threshold": 0.5}
     sweep.sweep(spec, tiny_file, tmp_path / "s", load_model=lambda: load(tiny_file))
-    (row,) = sweep.read_results(tmp_path / "s").values()
+    (row,) = shards.read_results(tmp_path / "s").values()
     region = metrics.as_tensor(Image.open(tmp_path / "s" / row["images"]["regions"][0]))[0] > 0.5
     assert 0 < region.float().mean() < 1 and "locality" in row["metrics"][0]
     with pytest.raises(InputError, match="spec.region: one of blend, attention, none"):
@@ -195,6 +195,9 @@ def test_the_sweep_folder_is_made_with_its_parents(tiny_file, tmp_path, capsys):
     assert main(["sweep", str(tmp_path / "spec.json"), "--weights", str(tiny_file), "--out", str(out),
                  "--base", "steps=1"]) == 0, capsys.readouterr().err
     assert (out / "results.jsonl").is_file() and not (out / ".p2p-write-test").exists()
+    assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("wrote")] == [
+        f"wrote {out / 'results.jsonl'} (+1 cells) and their images in {out / 'cells'}",
+        f"wrote {out / 'results.csv'}", f"wrote {out / 'summary.md'}", f"wrote {out / 'sheet-seed.png'}"]
     (tmp_path / "file").write_text("")
     assert main(["sweep", str(tmp_path / "spec.json"), "--weights", str(tiny_file),
                  "--out", str(tmp_path / "file" / "x")]) == 2
@@ -273,8 +276,8 @@ def test_a_second_run_of_a_shard_stops_and_a_killed_ones_lock_blocks_no_one(tiny
     out = tmp_path / "s"
     out.mkdir()
     # a run of shard 0/1, killed while it holds its lock: the kernel drops the lock with the process
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; from p2p import sweep\n"
-                               f"with sweep.hold(Path({str(out)!r}), (0, 1)):\n print('held', flush=True); "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; from p2p import shards\n"
+                               f"with shards.hold(Path({str(out)!r}), (0, 1)):\n print('held', flush=True); "
                                "time.sleep(600)"], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline() == "held\n"
     (tmp_path / "spec.json").write_text(json.dumps(ONE))
@@ -326,7 +329,7 @@ def test_a_photo_case_keeps_its_photo_beside_its_reconstruction(tiny, tiny_file,
             "cases": [{"name": "photo", "source": HOUSE, "targets": [HOUSE + " at winter"], "mode": "refine",
                        "image": str(tmp_path / "photo.png")}]}
     sweep.sweep(spec, tiny_file, tmp_path / "s", load_model=lambda: tiny)
-    (row,) = sweep.read_results(tmp_path / "s").values()
+    (row,) = shards.read_results(tmp_path / "s").values()
     saved = np.asarray(Image.open(tmp_path / "s" / row["images"]["photo"]), dtype=int)
     assert np.abs(saved - pixels).max() <= 1                   # the photo as the model saw it (8-bit round trip)
     assert (np.asarray(Image.open(tmp_path / "s" / row["images"]["source"]), dtype=int) != saved).any()
