@@ -1,13 +1,20 @@
 """Shared fixtures: the tiny random checkpoint of scripts/make_tiny.py, written once per run."""
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from models.checkpoint import load
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "golden"
+
+# torch caps OMP_NUM_THREADS at the core count, so on a 2-core machine OMP_NUM_THREADS=3 would
+# still run 2 threads and hide how a bigger machine splits (and rounds) a batch. Take it exactly.
+if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def script(name: str):
