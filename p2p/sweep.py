@@ -359,8 +359,8 @@ def sheet(spec: dict, every: list[Cell], done: dict, axis: str, out: Path) -> Pa
         if row is None:
             return None
         path = row["images"]["targets"][0] if name == "target" else row["images"].get(name)
-        if path is None:
-            return "generated"                     # no photo: the case samples its source
+        if path is None:                           # no photo: the case samples its source (or ran before
+            return None if cell.record.image else "generated"   # photos were kept: grey)
         with Image.open(out / path) as im:
             return im.convert("RGB")
 

@@ -278,7 +278,7 @@ def test_a_second_run_of_a_shard_stops_and_a_killed_ones_lock_blocks_no_one(tiny
     # a run of shard 0/1, killed while it holds its lock: the kernel drops the lock with the process
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; from p2p import shards\n"
                                f"with shards.hold(Path({str(out)!r}), (0, 1)):\n print('held', flush=True); "
-                               "time.sleep(600)"], stdout=subprocess.PIPE, text=True)
+                               "time.sleep(600)"], stdout=subprocess.PIPE, text=True, cwd=ROOT)
     assert holder.stdout.readline() == "held\n"
     (tmp_path / "spec.json").write_text(json.dumps(ONE))
     base = ["sweep", str(tmp_path / "spec.json"), "--weights", str(tiny_file), "--out", str(out), "--base", "steps=1"]
