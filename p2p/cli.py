@@ -363,11 +363,13 @@ def parse(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    name = f"p2p {argv[0]}" if argv and not argv[0].startswith("-") else "p2p"   # for a Ctrl-C while parsing
     try:
-        args = parse(argv)
-    except SystemExit as e:   # --help, or a usage error already printed in one line
-        return e.code or 0
-    try:
+        try:
+            args = parse(argv)
+        except SystemExit as e:   # --help, or a usage error already printed in one line
+            return e.code or 0
         # torch and the models load here, after parsing, inside the Ctrl-C and error handling.
         # numpy first: torch's C start-up imports it and clears any error that import raises,
         # so a Ctrl-C landing there would be lost (the run would go on to the end).
@@ -389,7 +391,7 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             return 1
     except KeyboardInterrupt:
-        print(f"p2p {args.command}: interrupted", file=sys.stderr)
+        print(f"{name}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:   # `p2p sites | head`: the reader has gone, so there is no one to tell
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # nor a flush at exit to fail

@@ -532,3 +532,16 @@ def test_a_recipe_number_past_floats_range_is_one_line(tiny_file, tmp_path, caps
                                                  "guidance": 10 ** 400}))   # JSON integers have no limit
     refused(capsys, tmp_path, ["edit", "--weights", tiny_file, "--recipe", tmp_path / "r.json", "--out",
                                tmp_path / "e.png"], "--guidance: must be a finite number")
+
+
+def test_ctrl_c_while_parsing_is_one_line(capsys, monkeypatch):
+    """A Ctrl-C under a loaded machine once landed inside argparse (building the parser), before main's
+    handler: it printed a traceback."""
+    from p2p import cli
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "parse", interrupted)
+    assert main(["generate", "--prompt", CAT]) == 130
+    assert capsys.readouterr().err == "p2p generate: interrupted\n"
