@@ -12,8 +12,9 @@ ops do not load with the CPU torch; the 2.14.1/0.29.1 pair loads together and ru
 
 Each pair's distance is written twice: in float32, as lpips runs, and with the model and images in
 float64. The float64 ones pin the maths; the float32 ones say how far the reference's own float32
-rounding goes on these pairs (pair 2 nearly cancels: ~1e-9 on 7.7e-5), the floor the tests give
-p2p's float32 path.
+rounding goes on these pairs (up to 1.1e-8; pair 2 nearly cancels: 7.9e-10 on 7.7e-5), the floor the
+tests give p2p's float32 path. The weights and pairs are those of the first run (torch 2.13 with
+torchvision 0.2.2.post3, whose squeezenet1_1 builds the same features), regenerated identically.
 
 ImageNet weights cannot be downloaded here, so the trunk is random (pnet_rand=True, seeded, with
 random biases too, where torchvision starts them at 0); the lin layers are lpips' real v0.1
