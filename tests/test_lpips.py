@@ -40,7 +40,7 @@ def test_the_maths_match_the_lpips_package_in_float64(metric, golden):
     net = copy.deepcopy(metric.net).double()            # the float32 weights, exactly, in float64
     with torch.no_grad():
         got = [net(2 * as_tensor(a)[None] - 1, 2 * as_tensor(b)[None] - 1).item() for a, b in pairs]
-    assert got == pytest.approx(expected, rel=1e-12, abs=0)
+    assert got == pytest.approx(expected, rel=1e-9, abs=0)   # float32 anywhere: 5e-7 to 1e-5 on pairs 1-3
 
 
 def test_the_float32_path_is_within_the_float32_floor(metric, golden):
