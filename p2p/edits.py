@@ -334,9 +334,9 @@ class PromptToPrompt:
             # One call for the source row and every target's share, the b value sets side by side along the
             # last dim: each comes out of the same kernel on the same query row, so a target equal to the
             # source is equal to it bit for bit. Separate calls, or rows of one batch, need not agree (CPU
-            # SDPA rounds a row by where it falls in the threads' work, by ~1e-7 that sampling grows to 1e-4).
-            # Values wider than q send CPU SDPA to its math kernel (the source's maps materialised, n x m per
-            # head); CUDA's memory-efficient kernel takes them.
+            # SDPA on 1- and 2-pixel maps rounds a row by which thread's share it falls in, by ~1e-7 that
+            # sampling grows to 1e-4). Values wider than q send CPU SDPA to its math kernel (the source's
+            # maps materialised, n x m per head); CUDA's memory-efficient kernel accepts them.
             values = rearrange(torch.cat([v[src], theirs]), "b heads m d -> 1 heads m (b d)")
             new = rearrange(F.scaled_dot_product_attention(q[src], k[src], values),
                             "1 heads n (b d) -> b heads n d", b=self.b)
