@@ -409,7 +409,7 @@ def invert(args):
     sd = load_model(args.weights, args.device, args.dtype, args.prediction)
     inv = photo.invert(sd, image, want)
     run.check_finite(f"the inversion (guidance {args.guidance})", inv.x_T, inv.z0, inv.null_embeddings,
-                     inv.direct_offsets)
+                     inv.trajectory)
     photo.report(sd, inv, photo.reconstruct(sd, inv))
     inversion.save(args.out, inv, {"dtype": args.dtype, "device": str(sd.device)})
     wrote(args.out)

@@ -328,13 +328,22 @@ class PromptToPrompt:
         halves = [self.b, 0] if self.edit_uncond else [self.b]   # row offsets of the halves to edit
         for h in halves:
             src, tgt = slice(h, h + 1), slice(h + 1, h + self.b)
-            if site.is_cross:
-                from_src = torch.einsum("kij,khjd->khid", mix, v[tgt])      # L V_tgt
-                new = (F.scaled_dot_product_attention(q[src].expand_as(q[tgt]), k[src].expand_as(k[tgt]), from_src)
-                       + F.scaled_dot_product_attention(q[tgt], k[tgt], own[:, None, :, None] * v[tgt]))
-            else:   # the source's probabilities on the targets' values
-                new = F.scaled_dot_product_attention(q[src].expand_as(q[tgt]), k[src].expand_as(k[tgt]), v[tgt])
-            out = torch.cat([out[:h + 1], new, out[h + self.b:]])
+            # what the source's probabilities act on: its own values, for the source row, and per target
+            # L V_tgt (cross) or V_tgt (the source's self-attention injected)
+            theirs = torch.einsum("kij,khjd->khid", mix, v[tgt]) if site.is_cross else v[tgt]
+            # One call for the source row and every target's share, the b value sets side by side along the
+            # last dim: each comes out of the same kernel on the same query row, so a target equal to the
+            # source is equal to it bit for bit. Separate calls, or rows of one batch, need not agree (CPU
+            # SDPA on 1- and 2-pixel maps rounds a row by which thread's share it falls in, by ~1e-7 that
+            # sampling grows to 1e-4). Values wider than q send CPU SDPA to its math kernel (the source's
+            # maps materialised, n x m per head); CUDA's memory-efficient kernel accepts them.
+            values = rearrange(torch.cat([v[src], theirs]), "b heads m d -> 1 heads m (b d)")
+            new = rearrange(F.scaled_dot_product_attention(q[src], k[src], values),
+                            "1 heads n (b d) -> b heads n d", b=self.b)
+            if site.is_cross:   # + SDPA(Q_tgt, K_tgt, diag(d) V_tgt)
+                new = torch.cat([new[:1], new[1:] + F.scaled_dot_product_attention(
+                    q[tgt], k[tgt], own[:, None, :, None] * v[tgt])])
+            out = torch.cat([out[:h], new, out[h + self.b:]])
         return out
 
     def edit_half(self, probs, site):   # probs [b, heads, n, m] for [source, targets...]

@@ -3,14 +3,18 @@ distances the lpips package (the reference, never a dependency) gives them.
 
 How it was run (once, from the repository root):
 
-    python -m venv /tmp/lpipsvenv
-    /tmp/lpipsvenv/bin/pip install torch==2.13.0 six safetensors torchvision==0.2.2.post3 lpips==0.1.4
-    /tmp/lpipsvenv/bin/python scripts/make_golden_lpips.py
+    python -m venv /tmp/lp
+    /tmp/lp/bin/pip install torch==2.14.1 torchvision==0.29.1 lpips==0.1.4 safetensors
+    /tmp/lp/bin/python scripts/make_golden_lpips.py
 
-torchvision 0.28.0, the release for torch 2.13, is on PyPI only as a CUDA build whose compiled ops
-do not load with the CPU torch; 0.2.2.post3 is pure Python and its squeezenet1_1 builds the same
-features (same layers, indices and ceil_mode pools), which is all lpips takes from it; main() only
-restores the PIL.PILLOW_VERSION name that it imports.
+(torchvision 0.28.0, the release for torch 2.13, is on PyPI only as a CUDA build whose compiled
+ops do not load with the CPU torch; the 2.14.1/0.29.1 pair loads together and runs on the CPU.)
+
+Each pair's distance is written twice: in float32, as lpips runs, and with the model and images in
+float64. The float64 ones pin the maths; the float32 ones say how far the reference's own float32
+rounding goes on these pairs (up to 1.1e-8; pair 2 nearly cancels: 7.9e-10 on 7.7e-5), the floor the
+tests give p2p's float32 path. The weights and pairs are those of the first run (torch 2.13 with
+torchvision 0.2.2.post3, whose squeezenet1_1 builds the same features), regenerated identically.
 
 ImageNet weights cannot be downloaded here, so the trunk is random (pnet_rand=True, seeded, with
 random biases too, where torchvision starts them at 0); the lin layers are lpips' real v0.1
@@ -53,8 +57,8 @@ def pairs(g: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def main():
-    import PIL
-    PIL.PILLOW_VERSION = PIL.__version__   # torchvision 0.2.2 imports this name (gone since Pillow 7)
+    import copy
+
     import lpips   # the reference, only here
     from safetensors.torch import save_file
     from convert_lpips import our_layout
@@ -65,14 +69,17 @@ def main():
             if name.endswith(".bias"):
                 p.uniform_(-0.1, 0.1)
     tensors = our_layout(model.state_dict())
-    image = lambda u: u.permute(2, 0, 1)[None].float() / 255
-    distances = []
+    model64 = copy.deepcopy(model).double()
+    distances, distances64 = [], []
     for k, (a, b) in enumerate(pairs(torch.Generator().manual_seed(0))):
         with torch.no_grad():
-            distances.append(model(image(a), image(b), normalize=True).item())
+            for net, dtype, out in ((model, torch.float32, distances), (model64, torch.float64, distances64)):
+                image = lambda u: u.permute(2, 0, 1)[None].to(dtype) / 255
+                out.append(net(image(a), image(b), normalize=True).item())
         tensors[f"golden.{k}.a"], tensors[f"golden.{k}.b"] = a.contiguous(), b.contiguous()
-        print(f"pair {k} {tuple(a.shape)}: {distances[-1]:.9g}")
+        print(f"pair {k} {tuple(a.shape)}: {distances[-1]:.9g} (float32), {distances64[-1]:.17g} (float64)")
     tensors["golden.distances"] = torch.tensor(distances, dtype=torch.float64)
+    tensors["golden.distances64"] = torch.tensor(distances64, dtype=torch.float64)
     reference = f"lpips {version('lpips')}, torchvision {version('torchvision')}, torch {torch.__version__}"
     save_file(tensors, OUT, metadata={"reference": reference})
     print(f"wrote {OUT} ({OUT.stat().st_size / 1e6:.1f} MB; {reference})")

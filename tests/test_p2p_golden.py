@@ -85,9 +85,13 @@ def test_edit_matches_golden(golden, tiny, tok, name):
         assert moved > MOVED, f"{name}: target {prompt!r} is within {moved:.3g} of its plain sample: the edit did nothing"
 
 
-def test_replace_with_the_source_as_target_reproduces_the_source_exactly(tiny, tok):
+def test_replace_with_the_source_as_target_reproduces_the_source(tiny, tok):
+    """The target row is the source row as closely as a plain batch of the same two prompts keeps its rows:
+    bit for bit where those are (1, 2 threads here), else within 2x what batch position alone does (at 3
+    threads GEMMs round rows by place: 1.1e-4 here, the edit's rows 0.7x that)."""
     prompts = [META["cases"]["replace"]["prompts"][0]] * 2
     edit = edits.PromptToPrompt(tok, prompts, steps=META["sampling"]["steps"], cross=edits.Replace(tok, prompts),
                                 cross_steps=0.8, self_steps=0.4)
-    latents = sample(tiny, prompts, edit)
-    assert torch.equal(latents[1], latents[0])
+    latents, plain = sample(tiny, prompts, edit), sample(tiny, prompts)
+    err, floor = (latents[1] - latents[0]).abs().max().item(), (plain[1] - plain[0]).abs().max().item()
+    assert err <= 2 * floor, f"the edit's rows differ by {err:.3g}, a plain batch's by {floor:.3g}"
