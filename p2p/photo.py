@@ -183,6 +183,10 @@ def inversion_of(sd, photo: Photo, dtype: str) -> Inversion:
                              f"this model's text is {sd.unet.cfg.context_dim}")
         return inv
     inv = invert(sd, photo.image, photo.settings)
+    # nan or inf is refused before the cache keeps it, or every later edit of the photo would reuse it
+    if not all(torch.isfinite(t).all() for t in (inv.x_T, inv.z0, inv.null_embeddings, inv.trajectory) if t is not None):
+        raise InputError(f"the inversion of {photo.path} came out nan or inf, so nothing was written (a guidance "
+                         "too large, or weights holding nan or inf)")
     if photo.cache is None:
         return inv
     inversion.save(photo.cache, inv, {"dtype": dtype, "device": str(sd.device)})

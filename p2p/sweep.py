@@ -210,7 +210,8 @@ def cell_metrics(out: Path, images: dict, r: Experiment, nets: Nets = Nets()) ->
 
 def cell_metadata(r: Experiment, sd, dtype: str, software: str) -> dict[str, str]:
     """What a cell's images carry: the whole record (a `p2p edit --recipe` of them re-runs it) and the model."""
-    return {"experiment": json.dumps(r.to_json(), ensure_ascii=False), "software": software, "checkpoint": sd.name,
+    # paths absolute: a recipe's relative paths are read from the recipe's folder, not from here
+    return {"experiment": json.dumps(record.anchored(r.to_json(), Path.cwd()), ensure_ascii=False), "software": software, "checkpoint": sd.name,
             "checkpoint_fingerprint": sd.fingerprint, "prediction": sd.prediction, "dtype": dtype}
 
 
