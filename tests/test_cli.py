@@ -41,8 +41,20 @@ def test_both_layouts_give_identical_latents(tiny_file, tiny_folder, tmp_path, c
                         "--out", tmp_path / f"{name}.png", "--latents-out", tmp_path / f"{name}.safetensors")
         assert code == 0, err
     a, b = (load_file(tmp_path / f"{n}.safetensors")["latents"] for n in ("file", "folder"))
-    assert torch.equal(a, b)
-    assert Image.open(tmp_path / "file.png").tobytes() == Image.open(tmp_path / "folder.png").tobytes()
+    # Both layouts load the very same tensors (exact), but the same sampling run twice need not be
+    # bit for bit on CPU: a kernel may round by its buffers' alignment (seen at 1 thread, 1e-4).
+    # So the latents are held to the float floor measured here: one layout's run against a rerun
+    # of it in a batch of two prompts, what kernel choice alone does to these 3 steps.
+    from models.checkpoint import load
+    from p2p import sampler
+    file, folder = load(tiny_file), load(tiny_folder)
+    for part in ("unet", "vae"):
+        x, y = getattr(file, part).state_dict(), getattr(folder, part).state_dict()
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    assert torch.equal(file.text.encode(["a cat", ""]), folder.text.encode(["a cat", ""]))
+    pair = sampler.generate(file, ["a cat", "a cat"], steps=3, height=64, width=64, progress=False)
+    floor = max((pair[i] - a[0]).abs().max().item() for i in (0, 1))
+    assert (a - b).abs().max() <= max(2 * floor, 1e-6 * a.abs().max())
 
 
 def test_python_dash_m_runs_the_same_cli(tmp_path):
