@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 
 from models import InputError
 from models.checkpoint import load, prediction_of
-from models.files import check_device, fingerprint, present
+from models.files import check_device, fingerprint
 from models.text import check_prompts, load_tokenizer
 
 from . import edits, inversion, output, photo, record, run, sampler, viz
@@ -31,42 +31,6 @@ def text(value) -> str:
 
 
 # ---- before the model: outputs and the device ------------------------------------------
-
-def check_outputs(outputs: dict[str, tuple[Path | None, str]], inputs: dict[str, Path | None]):
-    """Each output ({flag: (path, "image" | "tensors")}) writable under a known suffix, no two of
-    them the same file and none of them an input ({flag: path}) or inside an input folder (a
-    diffusers checkpoint, whose every file is read): p2p never overwrites those. Paths compare
-    resolved, so symbolic and hard links to an input count as the input."""
-    seen = {}
-    for flag, (path, kind) in outputs.items():
-        if path is None:
-            continue
-        try:
-            real = path.resolve()
-        except (OSError, RuntimeError):   # RuntimeError: Python < 3.13 on a symbolic link loop
-            raise InputError(f"cannot write {flag} {path}: a loop of symbolic links") from None
-        for name, source in inputs.items():
-            if source is None or not present(source):   # present: a symlink loop is one line
-                continue
-            if source.is_dir() and (real == source.resolve() or source.resolve() in real.parents or path.exists()
-                                    and any(same_file(path, f) for f in source.rglob("*") if f.is_file())):
-                raise InputError(f"{flag} {path} is inside the {name} folder {source}: p2p never writes into "
-                                 "its inputs")
-            if same_file(path, source):
-                raise InputError(f"{flag} {path} is the {name} input: p2p never overwrites its inputs")
-        if real in seen:
-            raise InputError(f"{seen[real]} and {flag} are the same file ({path}): each output needs its own")
-        output.check_output(path, kind)
-        seen[real] = flag
-
-
-def same_file(a: Path, b: Path) -> bool:
-    """Whether two paths name one file: the same resolved path, or (both there) the same inode."""
-    try:
-        return a.resolve() == b.resolve() or os.path.samefile(a, b)
-    except (OSError, RuntimeError):   # one of them is not there (yet), or a link loop (refused when read)
-        return False
-
 
 def device_of(name: str | None) -> str:
     """The --device, or by default CUDA if there is one (the process's own GPU, LOCAL_RANK, when
@@ -135,7 +99,7 @@ def generate(args, sd=None):
             check_prompts(load_tokenizer(), prompts)
         except InputError as e:
             raise InputError(f"{flag}: {e}") from None
-    check_outputs({"--out": (args.out, "image"), "--latents-out": (args.latents_out, "tensors")},
+    output.check_outputs({"--out": (args.out, "image"), "--latents-out": (args.latents_out, "tensors")},
                   {"--weights": args.weights})
     sd = sd or load_model(args.weights, args.device, args.dtype, args.prediction)
     write_generation(sd, args.prompt, args.negative, args.dtype, args.out, args.latents_out, seed=args.seed,
@@ -226,7 +190,7 @@ def edit_record(r: Experiment, weights: Path, out: Path, latents_out: Path | Non
     plan = run.prepare(r, weights, cache_dir=out.parent, store=maps_out is not None, prediction=prediction)
     r = plan.record   # with the settings a given inversion file fixes, so the outputs record what was run
     new_cache = plan.photo.cache if plan.photo is not None and plan.photo.inversion is None else None
-    check_outputs({"--out": (out, "image"), "--latents-out": (latents_out, "tensors"),
+    output.check_outputs({"--out": (out, "image"), "--latents-out": (latents_out, "tensors"),
                    "--maps-out": (maps_out, "image"), "the inversion cache": (new_cache, "tensors")},
                   {"--weights": weights, "--image": r.image and Path(r.image),
                    "--inversion": r.inversion and Path(r.inversion), "--blend-mask": r.blend_mask and Path(r.blend_mask),
@@ -282,7 +246,7 @@ def maps(args, sd=None):
     sampler.check_size(args.height, args.width, args.steps)
     check_prompts(load_tokenizer(), [args.prompt])
     window = steps_range(args.steps_range, sampler.calls(args.sampler, args.steps))
-    check_outputs({"--out": (args.out, "image")}, {"--weights": args.weights})
+    output.check_outputs({"--out": (args.out, "image")}, {"--weights": args.weights})
     try:
         items = record.sites(args.sites)
     except ValueError as e:
@@ -397,7 +361,7 @@ def invert(args):
     sampler.check_size(args.size, args.size, args.steps, "--size")
     photo.check_settings(args.method, args.steps, args.size, "--size")
     check_prompts(load_tokenizer(), [args.prompt])
-    check_outputs({"--out": (args.out, "tensors")}, {"--weights": args.weights, "--image": args.image})
+    output.check_outputs({"--out": (args.out, "tensors")}, {"--weights": args.weights, "--image": args.image})
     try:
         offsets = record.offsets(args.offsets)
     except ValueError as e:

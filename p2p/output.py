@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
 from models import InputError
+from models.files import present
 
 GAP = 8  # pixels between images, and around the labels below them
 FONT_SIZE = 15
@@ -293,3 +294,39 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     # Serialised here and written by us, so a failed write is an OSError like any other file's.
     data = _canonical(safetensors.torch.save(tensors, metadata=metadata))
     _write_atomically(path, lambda temp: temp.write_bytes(data))
+
+
+def check_outputs(outputs: dict[str, tuple[Path | None, str]], inputs: dict[str, Path | None]):
+    """Each output ({flag: (path, "image" | "tensors")}) writable under a known suffix, no two of
+    them the same file and none of them an input ({flag: path}) or inside an input folder (a
+    diffusers checkpoint, whose every file is read): p2p never overwrites those. Paths compare
+    resolved, so symbolic and hard links to an input count as the input."""
+    seen = {}
+    for flag, (path, kind) in outputs.items():
+        if path is None:
+            continue
+        try:
+            real = path.resolve()
+        except (OSError, RuntimeError):   # RuntimeError: Python < 3.13 on a symbolic link loop
+            raise InputError(f"cannot write {flag} {path}: a loop of symbolic links") from None
+        for name, source in inputs.items():
+            if source is None or not present(source):   # present: a symlink loop is one line
+                continue
+            if source.is_dir() and (real == source.resolve() or source.resolve() in real.parents or path.exists()
+                                    and any(same_file(path, f) for f in source.rglob("*") if f.is_file())):
+                raise InputError(f"{flag} {path} is inside the {name} folder {source}: p2p never writes into "
+                                 "its inputs")
+            if same_file(path, source):
+                raise InputError(f"{flag} {path} is the {name} input: p2p never overwrites its inputs")
+        if real in seen:
+            raise InputError(f"{seen[real]} and {flag} are the same file ({path}): each output needs its own")
+        check_output(path, kind)
+        seen[real] = flag
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file: the same resolved path, or (both there) the same inode."""
+    try:
+        return a.resolve() == b.resolve() or os.path.samefile(a, b)
+    except (OSError, RuntimeError):   # one of them is not there (yet), or a link loop (refused when read)
+        return False
