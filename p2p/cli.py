@@ -14,7 +14,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 SAMPLERS = ("ddim", "plms")                          # p2p/sampler.py's
 METHODS = ("null-text", "negative-prompt", "ddim", "direct")   # p2p/inversion.py's, kept here to stay light
 PREDICTIONS = ("epsilon", "v_prediction")            # models/checkpoint.py's
-PIE_METHODS = ("ddim", "null-text", "negative-prompt", "direct")   # p2p/pie.py's order
+PIE_METHODS = ("ddim", "null-text", "negative-prompt", "direct")   # p2p/eval/pie.py's order
 DEFAULT_REPO = "CompVis/stable-diffusion-v1-4"       # the checkpoint of the paper's SD figures
 MAX_SEED = 2 ** 64 - 1                               # torch.Generator.manual_seed's range
 

@@ -2,8 +2,8 @@
 
 Every command first checks all it can without the model (sizes, prompts, words, the photo,
 every output path), so bad input costs no loading or sampling; then it loads the model,
-samples and writes. `p2p edit` builds an experiment record (p2p/record.py) from its flags
-and runs it through p2p/run.py, the road scripts take too; photos have their parts in photo.py.
+samples and writes. `p2p edit` builds an experiment record (p2p/experiment/record.py) from its flags
+and runs it through p2p/experiment/run.py, the road scripts take too; photos have their parts in photo.py.
 """
 import json
 import os
@@ -19,8 +19,9 @@ from models.checkpoint import load, prediction_of
 from models.files import check_device, fingerprint
 from models.text import check_prompts, load_tokenizer
 
-from . import edits, inversion, output, photo, record, run, sampler, viz
-from .record import Experiment
+from . import edits, inversion, sampler, viz
+from .experiment import output, photo, record, run
+from .experiment.record import Experiment
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -113,15 +114,15 @@ def write_generation(sd, prompts: list[str], negative: str, dtype: str, out: Pat
     guidance, height, width, sampler)."""
     metadata = {"prompts": text(prompts), "negative": negative, **run_metadata("generate", sd, dtype, **sampling)}
     size = (sampling["width"], sampling["height"])
-    output.check_image(out, output.row_size([size] * len(prompts), prompts), metadata)   # before the work
+    output.check_image(out, viz.row_size([size] * len(prompts), prompts), metadata)   # before the work
     latents = sampler.generate(sd, prompts, negative=negative, **sampling)
     decoded = sampler.decode(sd, latents)
     run.check_finite(f"the sampled latents and images (guidance {sampling['guidance']})", latents, decoded)
-    images = output.to_pil(decoded)
+    images = viz.to_pil(decoded)
     if latents_out is not None:
         output.save_tensors(latents_out, {"latents": latents}, metadata)
         wrote(latents_out)
-    output.save_image(out, output.labelled_row(images, prompts), metadata)
+    output.save_image(out, viz.labelled_row(images, prompts), metadata)
     wrote(out)
 
 
@@ -206,7 +207,7 @@ def edit_record(r: Experiment, weights: Path, out: Path, latents_out: Path | Non
     if plan.photo is not None:   # the photo first, then its reconstruction (the source row) and the edits
         metadata |= {"inversion_method": (plan.photo.inversion or plan.photo).settings["method"]}
         labels = ["photo", *labels]
-    output.check_image(out, output.row_size([(r.width, r.height)] * len(labels), labels), metadata)
+    output.check_image(out, viz.row_size([(r.width, r.height)] * len(labels), labels), metadata)
     if maps_out is not None:   # (its size is known only once drawn)
         output.check_image(maps_out, None, metadata | {"maps_res": str(maps_res)})
     result = run.run(sd, plan, dtype)
@@ -221,7 +222,7 @@ def edit_record(r: Experiment, weights: Path, out: Path, latents_out: Path | Non
         grid = viz.token_maps_grid(result.images, r.prompts, result.edit.store, load_tokenizer(), maps_res)
         output.save_image(maps_out, grid, metadata | {"maps_res": str(maps_res)})
         wrote(maps_out)
-    output.save_image(out, output.labelled_row(row, labels), metadata)
+    output.save_image(out, viz.labelled_row(row, labels), metadata)
     wrote(out)
 
 
@@ -275,7 +276,7 @@ def write_maps(sd, prompt: str, res: int, window: tuple[int, int], components: i
     latents = sampler.generate(sd, [prompt], edit=store, **sampling)
     decoded = sampler.decode(sd, latents)
     run.check_finite(f"the sampled latents and image (guidance {sampling['guidance']})", latents, decoded)
-    images = output.to_pil(decoded)
+    images = viz.to_pil(decoded)
     grid = viz.token_maps_grid(images, [prompt], store, load_tokenizer(), res)
     if components:
         grid = viz.stack([grid, viz.components_grid(viz.self_components(store, res, components))])
@@ -287,7 +288,7 @@ def write_maps(sd, prompt: str, res: int, window: tuple[int, int], components: i
 
 def base_fields(items: list[str]) -> dict:
     """--base FIELD=VALUE ...: record fields, each value JSON or else text, checked alone, each once."""
-    from .sweep import check_values
+    from .experiment.sweep import check_values
     overrides = {}
     for item in items:
         name, sep, value = item.partition("=")
@@ -304,7 +305,7 @@ def base_fields(items: list[str]) -> dict:
 
 
 def sweep(args):
-    from . import shards, sweep as sweeps
+    from .experiment import grid, sweep as sweeps
     spec = sweeps.read_spec(args.spec)
     overrides = base_fields(args.base)
     if args.report:
@@ -312,7 +313,7 @@ def sweep(args):
         return
     if args.weights is None:
         raise InputError("--weights is required (only --report works without a model)")
-    sweeps.sweep(spec, args.weights, args.out, shards.shard_of(args.shard), overrides,
+    sweeps.sweep(spec, args.weights, args.out, grid.shard_of(args.shard), overrides,
                  lambda: load_model(args.weights, args.device, args.dtype, args.prediction), args.dtype, args.clip,
                  args.dino, args.prediction)
 
@@ -320,7 +321,8 @@ def sweep(args):
 # ---- p2p bench pie ---------------------------------------------------------------------
 
 def bench(args):
-    from . import pie, shards
+    from .eval import pie
+    from .experiment import grid
     overrides = base_fields(args.base)
     if args.report:
         _, every, skipped = pie.plan(args.data, args.types, args.limit, args.methods, overrides, args.weights,
@@ -328,7 +330,7 @@ def bench(args):
         pie.report(every, skipped, args.methods, args.out)
         return
     table = pie.bench(args.data, args.weights, args.out, args.methods, args.types, args.limit,
-                      shards.shard_of(args.shard), overrides,
+                      grid.shard_of(args.shard), overrides,
                       lambda: load_model(args.weights, args.device, args.dtype, args.prediction),
                       args.dtype, args.clip, args.dino, args.lpips, args.prediction)
     print(table.read_text(encoding="utf-8").split("\n\n## ")[0])

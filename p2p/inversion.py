@@ -26,7 +26,7 @@ from models import InputError, ddim
 from models.checkpoint import StableDiffusion
 
 from . import check_finite
-from .output import save_tensors
+from .experiment.output import save_tensors
 from .sampler import guidance_batch
 
 MIN_SIZE = 64          # 8x8 latents: the UNet's three stride-2 convs take them down to 1x1

@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.checkpoint import load  # noqa: E402
 from p2p import edits, sampler  # noqa: E402
-from p2p.memory import PeakMemory  # noqa: E402
+from p2p.eval.memory import PeakMemory  # noqa: E402
 
 PROMPTS = ["a cat riding a bicycle", "a dog riding a bicycle"]
 

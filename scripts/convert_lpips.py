@@ -1,4 +1,4 @@
-"""Write lpips-squeeze.safetensors, the weights p2p's LPIPS metric (p2p/lpips.py) reads.
+"""Write lpips-squeeze.safetensors, the weights p2p's LPIPS metric (p2p/eval/lpips.py) reads.
 
 Run it once, in an environment of your own that has torchvision and the lpips package
 (neither is a dependency of p2p):
@@ -8,7 +8,7 @@ Run it once, in an environment of your own that has torchvision and the lpips pa
 
 It takes torchvision's ImageNet squeezenet1_1 features and lpips' v0.1 "squeeze" lin layers
 (what torchmetrics' LearnedPerceptualImagePatchSimilarity(net_type='squeeze') uses) and writes them
-under p2p's names (see p2p/lpips.py). This is the only place those pickles are read, and only by
+under p2p's names (see p2p/eval/lpips.py). This is the only place those pickles are read, and only by
 the trusted packages' own loaders (torchvision's weight download, lpips' bundled .pth); p2p itself
 only ever reads the safetensors file written here.
 """

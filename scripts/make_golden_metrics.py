@@ -7,7 +7,7 @@ How it was run (once, from the repository root):
 
 SSIM is Wang et al. (2004) as scikit-image computes it with gaussian_weights=True, sigma 1.5
 (an 11x11 window), use_sample_covariance=False, data_range 1, the mean over the map cropped by
-the window's half-width, channels averaged: what p2p/metrics.py defines. The pairs are made
+the window's half-width, channels averaged: what p2p/eval/metrics.py defines. The pairs are made
 here from a seed (an image and a blurred, noised, shifted copy), so the test rebuilds them.
 """
 import json

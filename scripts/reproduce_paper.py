@@ -4,7 +4,7 @@
         --photos path/to/prompt-to-prompt/example_images
     python scripts/reproduce_paper.py --tiny --out /tmp/paper     # smoke test on a random tiny model
 
-Two manifests, both lists of entries, each an experiment record (p2p/record.py) with a name:
+Two manifests, both lists of entries, each an experiment record (p2p/experiment/record.py) with a name:
 - scripts/paper_examples.json: the paper's Stable Diffusion examples with its defaults (DDIM);
 - scripts/official_examples.json: each cell of google/prompt-to-prompt's notebooks that renders
   an edit or a map, transcribed (PLMS, the authors' mapper and seed 8888 for the SD notebook;
@@ -29,7 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 from models import InputError  # noqa: E402
-from p2p import cli, commands, record, sampler  # noqa: E402
+from p2p import cli, commands, sampler  # noqa: E402
+from p2p.experiment import record  # noqa: E402
 
 MANIFESTS = {"paper": Path(__file__).with_name("paper_examples.json"),
              "official": Path(__file__).with_name("official_examples.json")}

@@ -53,7 +53,7 @@ def nets(tmp_path_factory):
     """Tiny random CLIP and DINO ViT, written by transformers as the metrics' folders."""
     import torch
     from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTModel
-    from p2p import metrics
+    from p2p.eval import metrics
     folder = tmp_path_factory.mktemp("nets")
     with torch.random.fork_rng():   # seeded weights, the global generator left as it was
         torch.manual_seed(0)

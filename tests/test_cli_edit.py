@@ -136,7 +136,8 @@ def test_every_manifest_entry_is_a_valid_record_and_its_shown_command_gives_it_b
     """Each entry of both manifests is a record whose edit builds (all its words exist), and the
     command the index page shows parses back to that very record; nothing is sampled."""
     from models.text import load_tokenizer
-    from p2p import cli, commands, run as p2p_run
+    from p2p import cli, commands
+    from p2p.experiment import run as p2p_run
     paper, tok = script("reproduce_paper"), load_tokenizer()
     for manifest in paper.MANIFESTS:
         for i, ex in enumerate(paper.load(manifest)["examples"]):

@@ -19,9 +19,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from models import InputError
-from p2p import inversion, photo, run, sampler
+from p2p import inversion, sampler
+from p2p.experiment import photo, run
 from p2p.cli import main
-from p2p.record import Experiment
+from p2p.experiment.record import Experiment
 
 SQUARE, BLUE = "a red square", "a blue square"
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from models import InputError, ddim
 from p2p import edits, inversion, sampler
 from p2p.cli import main
-from p2p.run import read_mask
+from p2p.experiment.run import read_mask
 
 SQUARE = "a red square"
 

@@ -1,4 +1,4 @@
-"""p2p/lpips.py against the lpips package's distances (tests/golden/lpips.safetensors, written by
+"""p2p/eval/lpips.py against the lpips package's distances (tests/golden/lpips.safetensors, written by
 scripts/make_golden_lpips.py), by hand, and on files it must refuse.
 
 The maths are checked in float64 against the reference run in float64. The float32 path is checked
@@ -15,8 +15,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from models import InputError
-from p2p.lpips import Lpips
-from p2p.metrics import as_tensor
+from p2p.eval.lpips import Lpips
+from p2p.eval.metrics import as_tensor
 
 from conftest import GOLDEN
 

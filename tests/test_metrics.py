@@ -1,4 +1,4 @@
-"""p2p/metrics.py on hand-computed cases and against scikit-image's values (tests/golden/metrics.json)."""
+"""p2p/eval/metrics.py on hand-computed cases and against scikit-image's values (tests/golden/metrics.json)."""
 import json
 import math
 
@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from models import InputError
-from p2p import metrics
+from p2p.eval import metrics
 
 from conftest import GOLDEN, script
 

@@ -12,8 +12,10 @@ from PIL import Image, ImageFont
 from safetensors import safe_open
 
 from models import InputError
-from p2p import output
-from p2p.output import GAP, labelled_row, save_png, save_tensors, to_pil
+from p2p.experiment import output
+from p2p.experiment.output import save_png, save_tensors
+from p2p import viz
+from p2p.viz import GAP, labelled_row, to_pil
 
 
 def _image(width, height, seed):
@@ -297,7 +299,7 @@ def test_labels_draw_accented_letters():
     drawn, boxed = (np.array(labelled_row([image], [label])) for label in ("vélo", "v\uffffl" + "o"))
     assert drawn.shape == boxed.shape and not np.array_equal(drawn, boxed)  # é is not the missing-glyph box
     assert (drawn[16:] < 128).any()  # something dark was drawn under the image
-    assert output._label_font("vélo").path.endswith("DejaVuSans.ttf")
+    assert viz._label_font("vélo").path.endswith("DejaVuSans.ttf")
 
 
 def test_long_labels_stop_at_three_lines():
@@ -305,12 +307,12 @@ def test_long_labels_stop_at_three_lines():
     label = " ".join(["bicycle"] * 40)
     three = labelled_row([image], ["bicycle bicycle bicycle"])  # one word a line at 64 pixels
     assert labelled_row([image], [label]).height == three.height
-    font = output._label_font(label)
-    lines = output._wrap(label, font, 64)
+    font = viz._label_font(label)
+    lines = viz._wrap(label, font, 64)
     assert len(lines) == 3 and lines[:2] == ["bicycle"] * 2 and lines[2].endswith("…")
     assert font.getlength(lines[2]) <= 64
     assert three.height == 16 + GAP + 3 * (font.getbbox("Ag")[3] + 4) + GAP
-    assert output._wrap("a cat", font, 64) == ["a cat"]
+    assert viz._wrap("a cat", font, 64) == ["a cat"]
 
 
 def test_progress_bars_are_tqdm_bars_on_stderr(tiny, capsys):

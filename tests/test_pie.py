@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from p2p import metrics, pie
+from p2p.eval import metrics, pie
 from p2p.cli import main
 
 from conftest import GOLDEN
@@ -276,8 +276,8 @@ def test_the_sheet_shows_the_prompts(tmp_path, monkeypatch):
         rows.append({"id": id_, "type": t, "method": "ddim", "images": names,
                      "record": {"source": f"source {id_}", "targets": [f"target {id_}"]}})
     labels = []
-    real = pie.output.labelled_row
-    monkeypatch.setattr(pie.output, "labelled_row", lambda tiles, names: labels.append(names) or real(tiles, names))
+    real = pie.viz.labelled_row
+    monkeypatch.setattr(pie.viz, "labelled_row", lambda tiles, names: labels.append(names) or real(tiles, names))
     assert pie.sheet(rows, ["ddim"], tmp_path) == tmp_path / "sheet.png"
     assert labels == [["", "source 100000000001", "DDIM: reconstruction", "DDIM: target 100000000001"],
                       ["", "source 200000000002", "DDIM: reconstruction", "DDIM: target 200000000002"]]

@@ -1,4 +1,4 @@
-"""The experiment record (p2p/record.py): JSON in and out, errors with paths, the CLI's road
+"""The experiment record (p2p/experiment/record.py): JSON in and out, errors with paths, the CLI's road
 through it, and `p2p edit --recipe` re-running a result exactly."""
 import json
 
@@ -7,8 +7,9 @@ import torch
 from safetensors.torch import load_file
 
 from models import InputError
-from p2p import cli, commands, record
-from p2p.record import Experiment
+from p2p import cli, commands
+from p2p.experiment import record
+from p2p.experiment.record import Experiment
 
 CAT, DOG = "a cat riding a bicycle", "a dog riding a bicycle"
 FAST = ["--steps", "4", "--height", "128", "--width", "128"]

@@ -8,7 +8,7 @@ from models.attention import Site
 from models.checkpoint import load
 from p2p import edits
 from p2p.cli import main
-from p2p.record import sites
+from p2p.experiment.record import sites
 
 CAT, DOG = "a cat riding a bicycle", "a dog riding a bicycle"
 FAST = ["--steps", "4", "--height", "128", "--width", "128"]

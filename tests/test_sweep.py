@@ -7,7 +7,8 @@ from PIL import Image
 
 from models import InputError
 from models.checkpoint import load
-from p2p import metrics, shards, sweep
+from p2p.eval import metrics
+from p2p.experiment import grid, sweep
 from p2p.cli import main
 
 from conftest import ROOT
@@ -35,17 +36,17 @@ def test_cells_are_every_case_times_the_grid_in_a_fixed_order():
 def test_shards_split_the_cells_and_come_from_the_flag_or_the_environment(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN"):
         monkeypatch.delenv(name, raising=False)
-    assert shards.shard_of(None) == (0, 1) and shards.shard_of("2/3") == (2, 3)
+    assert grid.shard_of(None) == (0, 1) and grid.shard_of("2/3") == (2, 3)
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "5")
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
     monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "3")
-    assert shards.shard_of(None) == (2, 4)
+    assert grid.shard_of(None) == (2, 4)
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "8")
-    assert shards.shard_of(None) == (1, 8)                  # torchrun's variables come first
+    assert grid.shard_of(None) == (1, 8)                  # torchrun's variables come first
     for bad in ("3/3", "a/b", "1"):
         with pytest.raises(InputError, match="shard"):
-            shards.shard_of(bad)
+            grid.shard_of(bad)
 
 
 @pytest.mark.parametrize("change, words", [
@@ -89,7 +90,7 @@ def test_a_sweep_resumes_where_it_was_stopped_and_its_summary_is_the_saved_image
     monkeypatch.setattr(sweep, "run_cell", lambda sd, cell, *a: ran.append(cell.key) or real(sd, cell, *a))
     every = sweep.sweep(spec, tiny_file, out, load_model=lambda: sd)
     assert len(ran) == 16 and len(set(ran)) == 16              # the first five were not run again
-    done = shards.read_results(out)
+    done = grid.read_results(out)
     assert set(done) == {c.key for c in every}
     assert sweep.sweep(spec, tiny_file, out, load_model=lambda: pytest.fail("nothing is left to run")) == every
 
@@ -165,7 +166,7 @@ def test_clip_and_dino_metrics_join_when_their_weights_are_there(tiny_file, nets
     code = main([*base, "--out", str(tmp_path / "with"), "--clip", str(nets / metrics.CLIP_FOLDER),
                  "--dino", str(nets / metrics.DINO_FOLDER)])
     assert code == 0, capsys.readouterr().err
-    rows = shards.read_results(tmp_path / "with")
+    rows = grid.read_results(tmp_path / "with")
     net = sweep.Nets(metrics.Clip.load(nets / metrics.CLIP_FOLDER), metrics.Dino.load(nets / metrics.DINO_FOLDER))
     for row in rows.values():
         record = sweep.record.from_json(row["record"])
@@ -182,7 +183,7 @@ def test_edited_words_and_an_attention_region(tiny_file, tmp_path):
     spec = {"base": SPEC["base"], "cases": [{"name": "cat", "source": CAT, "targets": [DOG], "mode": "replace"}],
             "axes": {"seed": [0]}, "region": "attention", "region_threshold": 0.5}
     sweep.sweep(spec, tiny_file, tmp_path / "s", load_model=lambda: load(tiny_file))
-    (row,) = shards.read_results(tmp_path / "s").values()
+    (row,) = grid.read_results(tmp_path / "s").values()
     region = metrics.as_tensor(Image.open(tmp_path / "s" / row["images"]["regions"][0]))[0] > 0.5
     assert 0 < region.float().mean() < 1 and "locality" in row["metrics"][0]
     with pytest.raises(InputError, match="spec.region: one of blend, attention, none"):
@@ -276,8 +277,8 @@ def test_a_second_run_of_a_shard_stops_and_a_killed_ones_lock_blocks_no_one(tiny
     out = tmp_path / "s"
     out.mkdir()
     # a run of shard 0/1, killed while it holds its lock: the kernel drops the lock with the process
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; from p2p import shards\n"
-                               f"with shards.hold(Path({str(out)!r}), (0, 1)):\n print('held', flush=True); "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; from p2p.experiment import grid\n"
+                               f"with grid.hold(Path({str(out)!r}), (0, 1)):\n print('held', flush=True); "
                                "time.sleep(600)"], stdout=subprocess.PIPE, text=True, cwd=ROOT)
     assert holder.stdout.readline() == "held\n"
     (tmp_path / "spec.json").write_text(json.dumps(ONE))
@@ -311,8 +312,8 @@ def test_sheets_show_each_distinct_source_and_a_photo_case_its_photo(tmp_path, m
             Image.new("RGB", (32, 32)).save(tmp_path / name)
         done[c.key] = {"images": names}
     titles = []
-    real = sweep.output.text_tile
-    monkeypatch.setattr(sweep.output, "text_tile", lambda text, size: titles.append(text) or real(text, size))
+    real = sweep.viz.text_tile
+    monkeypatch.setattr(sweep.viz, "text_tile", lambda text, size: titles.append(text) or real(text, size))
     sweep.sheet(spec, every, done, "seed", tmp_path)
     assert titles == ["photo", "generated", "source", "seed = 0", "photo, seed = 1", "generated", "source, seed = 1",
                       "seed = 1"]                 # "generated": the prompt case has no photo
@@ -329,7 +330,7 @@ def test_a_photo_case_keeps_its_photo_beside_its_reconstruction(tiny, tiny_file,
             "cases": [{"name": "photo", "source": HOUSE, "targets": [HOUSE + " at winter"], "mode": "refine",
                        "image": str(tmp_path / "photo.png")}]}
     sweep.sweep(spec, tiny_file, tmp_path / "s", load_model=lambda: tiny)
-    (row,) = shards.read_results(tmp_path / "s").values()
+    (row,) = grid.read_results(tmp_path / "s").values()
     saved = np.asarray(Image.open(tmp_path / "s" / row["images"]["photo"]), dtype=int)
     assert np.abs(saved - pixels).max() <= 1                   # the photo as the model saw it (8-bit round trip)
     assert (np.asarray(Image.open(tmp_path / "s" / row["images"]["source"]), dtype=int) != saved).any()

@@ -9,7 +9,7 @@ from models.attention import Site
 from models.text import load_tokenizer
 from p2p import viz
 from p2p.edits import AttentionStore
-from p2p.output import GAP, labelled_row
+from p2p.viz import GAP, labelled_row
 
 H, W = 2, 3  # a landscape feature map: short side 2, the `res` that picks it
 HEADS, M = 2, 77

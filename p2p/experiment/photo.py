@@ -19,8 +19,8 @@ import torch
 
 from models import InputError
 
-from . import inversion, sampler
-from .inversion import Inversion
+from .. import inversion, sampler
+from ..inversion import Inversion
 
 
 def check_settings(method: str, steps: int, size: int, size_flag: str = "--height and --width"):

@@ -13,11 +13,11 @@ made (a bad entry is one error naming its path, "spec.cases[1].blend"; no two ce
 Cells are numbered in a fixed order (cases outermost, then the axes as written); process K of N
 takes the cells i with i % N == K and appends each finished one, whole record and metrics, as a
 line of DIR/results.jsonl (DIR/results.K-of-N.jsonl for a shard), holding its shard's lock
-(p2p/shards.py). A rerun skips the cells any results file holds.
+(p2p/experiment/grid.py). A rerun skips the cells any results file holds.
 The tables (results.csv, summary.md) and the contact sheets (sheet-AXIS.png) are made from
 all results files and the images under DIR/cells, never kept apart from them.
 
-Metrics (p2p/metrics.py) compare each target with its cell's source, read back from the saved
+Metrics (p2p/eval/metrics.py) compare each target with its cell's source, read back from the saved
 PNGs: background MSE, PSNR, SSIM outside the edit region and locality inside it (the region:
 the blend's final mask or drawn blend_mask; the edited words' attention, see metrics.attention_masks;
 or none), and with their weights the CLIP score and direction and DINO structure distance.
@@ -43,8 +43,10 @@ from tqdm import tqdm
 from models import InputError
 from models.checkpoint import load
 
-from . import metrics, output, record, run, viz
-from .shards import append, hold, make_folder, read_results, results_file, write_text
+from ..eval import metrics
+from . import output, record, run
+from .. import viz
+from .grid import append, hold, make_folder, read_results, results_file, write_text
 from .record import Experiment
 
 METRICS = ("mse", "psnr", "ssim", "locality", "clip_score", "clip_direction", "structure")
@@ -380,9 +382,9 @@ def sheet(spec: dict, every: list[Cell], done: dict, axis: str, out: Path) -> Pa
     grey = Image.new("RGB", size, (200, 200, 200))
     rows = []
     for i, (title, tiles) in enumerate(lines):
-        tiles = [output.text_tile(title, size), *(output.text_tile(t, size) if isinstance(t, str) else t or grey
+        tiles = [viz.text_tile(title, size), *(viz.text_tile(t, size) if isinstance(t, str) else t or grey
                                                   for t in tiles)]
-        rows.append(output.labelled_row(tiles, ["", *(cases if i == 0 else [""] * len(cases))]))
+        rows.append(viz.labelled_row(tiles, ["", *(cases if i == 0 else [""] * len(cases))]))
     path = out / f"sheet-{axis}.png"
     output.save_image(path, viz.stack(rows), {"software": "p2p sweep", "axis": axis})
     return path

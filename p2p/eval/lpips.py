@@ -99,7 +99,7 @@ class Lpips:
         unexpected = [k for k in weights if k not in expected]
         if missing or unexpected:
             what = f"lack {missing[0]}" if missing else f"have an unexpected tensor {unexpected[0]}"
-            raise InputError(f"LPIPS weights {what} (the layout is in p2p/lpips.py; make the file with "
+            raise InputError(f"LPIPS weights {what} (the layout is in p2p/eval/lpips.py; make the file with "
                              "scripts/convert_lpips.py)")
         for k, t in expected.items():
             if weights[k].shape != t.shape:

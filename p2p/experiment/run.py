@@ -1,4 +1,4 @@
-"""One road from an experiment record (p2p/record.py) to latents and images.
+"""One road from an experiment record (p2p/experiment/record.py) to latents and images.
 
     plan = prepare(record, weights)     # no model: words, sizes, the photo and its inversion
     result = run(sd, plan)              # the model: invert if needed, sample, decode
@@ -18,8 +18,9 @@ from models.checkpoint import prediction_of
 from models.files import fingerprint
 from models.text import check_prompts, load_tokenizer
 
-from . import edits, output, photo, sampler
-from .inversion import Inversion, open_image
+from .. import edits, sampler, viz
+from . import photo
+from ..inversion import Inversion, open_image
 from .record import Experiment, site_text
 
 
@@ -150,6 +151,6 @@ def run(sd, plan: Plan, dtype: str = "float32", progress: bool = True) -> Result
                                record.width, edit=plan.edit, sampler=record.sampler, progress=progress, **start)
     decoded = sampler.decode(sd, latents)
     check_finite(f"the sampled latents and images (guidance {record.guidance})", latents, decoded)
-    images = output.to_pil(decoded)
-    shown = output.to_pil(plan.photo.image, truncate=False)[0] if plan.photo is not None else None
+    images = viz.to_pil(decoded)
+    shown = viz.to_pil(plan.photo.image, truncate=False)[0] if plan.photo is not None else None
     return Result(record, latents, images, plan.edit, inv, shown)

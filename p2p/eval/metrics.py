@@ -27,7 +27,7 @@ from PIL import Image
 from models import InputError
 from models.text import TOKENIZER_DIR, load_tokenizer
 
-from . import align, edits
+from .. import align, edits
 
 WINDOW, SIGMA = 11, 1.5          # Wang et al. (2004)
 K1, K2 = 0.01, 0.03

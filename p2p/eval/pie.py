@@ -8,7 +8,7 @@ stripped), editing_instruction, editing_type_id ("0".."9"), blended_word ("SRC T
 mask: run-length pairs [start, length, ...] over the row-major 512 x 512 grid, 1 = edited.
 
 Every (photo, method) pair is one cell, numbered photos outermost; cells are sharded, appended
-to results*.jsonl and resumed as a sweep's are (p2p/sweep.py). The tables (table.md) and the
+to results*.jsonl and resumed as a sweep's are (p2p/experiment/sweep.py). The tables (table.md) and the
 contact sheet (sheet.png) are made from the results files alone.
 """
 import json
@@ -26,9 +26,11 @@ from tqdm import tqdm
 from models import InputError
 from models.checkpoint import load, prediction_of
 
-from . import metrics, output, photo, record, run, sampler, shards, sweep, viz
+from . import metrics
+from ..experiment import output, photo, record, run, grid, sweep
+from .. import sampler, viz
 from .memory import PeakMemory
-from .record import Experiment
+from ..experiment.record import Experiment
 
 SIZE = 512                                     # PIE-Bench's photos and masks are 512 x 512
 TYPES = ("random", "change object", "add object", "delete object", "change content", "change pose",
@@ -247,22 +249,22 @@ def bench(data: Path, weights: Path, out: Path, methods: list[str], types: list[
     results; returns the table's path."""
     items, every, skipped = plan(data, types, limit, methods, overrides, weights, out, prediction)
     check_model(every, weights, prediction)
-    shards.make_folder(out)
+    grid.make_folder(out)
     k, n = shard
-    with shards.hold(out, shard):
-        done = shards.read_results(out)
+    with grid.hold(out, shard):
+        done = grid.read_results(out)
         todo = [c for c in every if c.index % n == k and c.key not in done]
         print(f"pie: {len({c.case for c in every})} photos x {len(methods)} methods ({len(skipped)} photos "
               f"skipped), {sum(c.index % n == k for c in every)} cells in shard {k}/{n}, {len(todo)} to run",
               file=sys.stderr)
         if todo:
             from .lpips import Lpips
-            sd, path = load_model(), shards.results_file(out, shard)
+            sd, path = load_model(), grid.results_file(out, shard)
             nets = Nets(metrics.Clip.load(clip) if clip else None, metrics.Dino.load(dino) if dino else None,
                         Lpips.load(lpips) if lpips else None)
             by_id = {item.id: item for item in items}
             for cell in tqdm(todo, desc="photos x methods", file=sys.stderr):
-                shards.append(path, run_cell(sd, cell, by_id[cell.case], weights, out, dtype, nets))
+                grid.append(path, run_cell(sd, cell, by_id[cell.case], weights, out, dtype, nets))
             print(f"wrote {path} (+{len(todo)} cells) and their images in {out / 'cells'}", file=sys.stderr)
     return report(every, skipped, methods, out)
 
@@ -338,7 +340,7 @@ def report(every: list[sweep.Cell], skipped: dict, methods: list[str], out: Path
     each named as written; returns the table's path."""
     if not out.is_dir():
         raise InputError(f"--out {out}: no such folder (the tables are made from a run's results there)")
-    done = shards.read_results(out)
+    done = grid.read_results(out)
     rows = [done[c.key] for c in every if c.key in done]
     undefined = {m: sum(math.isnan(r["metrics"].get("mse", 0.0)) for r in rows if r["method"] == m) for m in methods}
     photos = {c.case: 0 for c in every}
@@ -361,7 +363,7 @@ def report(every: list[sweep.Cell], skipped: dict, methods: list[str], out: Path
         mine = [r for r in rows if r["type"] == t]
         if mine:
             lines += [f"\n## {t}. {name} ({len({r['id'] for r in mine})} photos)\n", *table(mine, methods)]
-    shards.write_text(out / "table.md", "\n".join(lines) + "\n")
+    grid.write_text(out / "table.md", "\n".join(lines) + "\n")
     written = [out / "table.md", *([sheet(rows, methods, out)] if rows else [])]
     for path in written:
         print(f"wrote {path}", file=sys.stderr)
@@ -387,7 +389,7 @@ def sheet(rows: list[dict], methods: list[str], out: Path, per_type: int = 2, ti
             continue
         shown[t] += 1
         source, target = first["record"]["source"], first["record"]["targets"][0]
-        tiles = [output.text_tile(f"{t}. {TYPES[t]} ({id_})", (tile, tile)), image(first["images"]["photo"])]
+        tiles = [viz.text_tile(f"{t}. {TYPES[t]} ({id_})", (tile, tile)), image(first["images"]["photo"])]
         labels = ["", source]
         for m in methods:
             if m in mine:
@@ -395,6 +397,6 @@ def sheet(rows: list[dict], methods: list[str], out: Path, per_type: int = 2, ti
             else:
                 tiles += [Image.new("RGB", (tile, tile), (200, 200, 200))] * 2
             labels += [f"{METHODS[m]}: reconstruction", f"{METHODS[m]}: {target}"]
-        lines.append(output.labelled_row(tiles, labels))
+        lines.append(viz.labelled_row(tiles, labels))
     output.save_image(out / "sheet.png", viz.stack(lines), {"software": "p2p bench pie"})
     return out / "sheet.png"

@@ -1,0 +1,1 @@
+"""Measuring edits: image metrics, LPIPS, PIE-Bench, peak memory."""
