@@ -1,5 +1,10 @@
-"""Stable Diffusion v1, written from scratch: UNet, VAE, CLIP text encoder, DDIM, loaders."""
+"""Stable Diffusion v1 and 2.x, written from scratch: UNet, VAE, CLIP text encoder, DDIM, loaders."""
 
 
 class InputError(ValueError):
     """Bad input from the user (a path, a checkpoint, a prompt); the CLI prints it as one line."""
+
+
+# names the light command line shows without importing torch
+PREDICTIONS = ("epsilon", "v_prediction")   # what a UNet's output is: SD v1 and 2.x-base; SD 2.x at 768
+DTYPES = ("float32", "float16", "bfloat16")

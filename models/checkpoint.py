@@ -17,8 +17,7 @@ import torch
 from transformers import CLIPTextConfig, CLIPTextModel
 from transformers.activations import ACT2FN
 
-from . import InputError
-from .ddim import PREDICTIONS
+from . import PREDICTIONS, InputError
 from .files import FOLDER, check_device, fingerprint, present, read_json, read_safetensors, shown, weight_files
 from .ldm import indices, ldm_to_diffusers, split_ldm, sub
 from .text import TOKENIZER_DIR, TextEncoder, embeddings, load_tokenizer, module_names, text_config

@@ -34,7 +34,6 @@ def schedule(steps: int) -> list[tuple[int, float, float]]:
             for t in timesteps(steps)]
 
 
-PREDICTIONS = ("epsilon", "v_prediction")   # what a UNet's output is: SD v1 and 2.x-base; SD 2.x at 768
 
 
 def to_eps(output: torch.Tensor, x_t: torch.Tensor, t: int, prediction: str = "epsilon") -> torch.Tensor:

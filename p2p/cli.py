@@ -5,27 +5,25 @@ standard library, so `--help` and usage errors are instant and Ctrl-C while torc
 one line. Bad input is one line on stderr and exit status 2.
 """
 import argparse
-import math
+import dataclasses
 import os
 import sys
 from pathlib import Path
 
-DTYPES = ("float32", "float16", "bfloat16")
-SAMPLERS = ("ddim", "plms")                          # p2p/sampler.py's
-METHODS = ("null-text", "negative-prompt", "ddim", "direct")   # p2p/inversion.py's, kept here to stay light
-PREDICTIONS = ("epsilon", "v_prediction")            # models/checkpoint.py's
-PIE_METHODS = ("ddim", "null-text", "negative-prompt", "direct")   # p2p/eval/pie.py's order
+from models import DTYPES, PREDICTIONS
+
+from .experiment import record
+
 DEFAULT_REPO = "CompVis/stable-diffusion-v1-4"       # the checkpoint of the paper's SD figures
-MAX_SEED = 2 ** 64 - 1                               # torch.Generator.manual_seed's range
 
 
 class Once(argparse.Action):
     """Store a flag's value, refusing the flag a second time (argparse would keep the last)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        if getattr(namespace, f"_{self.dest}_given", False):
+        if getattr(self, "given", False):   # (a parser, and so its actions, is made anew for each parse)
             parser.error(f"{option_string} given twice")
-        setattr(namespace, f"_{self.dest}_given", True)
+        self.given = True
         setattr(namespace, self.dest, values)
 
 
@@ -39,18 +37,7 @@ class Parser(argparse.ArgumentParser):
         return super().add_argument(*names, **kwargs)
 
 
-# ---- values of flags: each refuses what it cannot take, in one line ---------------------
-
-def finite(text: str) -> float:
-    """A float flag: nan and inf are refused (they would sample black images without a word)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-    return value
-
+# ---- values of flags that are no record field: each refuses what it cannot take, in one line
 
 def path(text: str) -> Path:
     """A file or folder flag: "" is refused (Path("") would quietly be the working directory)."""
@@ -59,64 +46,12 @@ def path(text: str) -> Path:
     return Path(text)
 
 
-def seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"seeds are 0 to 2**64-1, got {text}")
-    return value
-
-
-def fraction(text: str) -> float:
-    value = finite(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"a fraction of the steps lies in [0, 1], got {text}")
-    return value
-
-
-def window(text: str) -> float | tuple[float, float]:
-    """"0.8" -> 0.8 (the first 80% of steps); "0.2:0.6" -> (0.2, 0.6)."""
-    try:
-        parts = [finite(x) for x in text.split(":")]
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"not a step window: {text!r} (use F or START:END, fractions "
-                                         "of the steps)") from None
-    if len(parts) > 2:
-        raise argparse.ArgumentTypeError(f"not a step window: {text!r} has {len(parts)} parts (use F or START:END)")
-    if not all(0 <= x <= 1 for x in parts):
-        raise argparse.ArgumentTypeError(f"not a step window: {text!r} (fractions of the steps lie in [0, 1])")
-    if len(parts) == 2 and parts[0] > parts[1]:
-        raise argparse.ArgumentTypeError(f"step window {text!r} ends before it starts")
-    return parts[0] if len(parts) == 1 else tuple(parts)
-
-
-def pairs(items: list[str], flag: str, value) -> dict:
-    """["cat=0.4", ...] -> {"cat": value("0.4"), ...}; a word given twice is refused."""
-    out = {}
-    for item in items:
-        word, sep, v = item.rpartition("=")
-        if not sep or not word:
-            raise argparse.ArgumentTypeError(f"{flag} takes WORD=VALUE, got {item!r}")
-        if word in out:
-            raise argparse.ArgumentTypeError(f"{flag}: {word!r} given twice")
-        try:
-            out[word] = value(v)
-        except argparse.ArgumentTypeError as e:
-            raise argparse.ArgumentTypeError(f"{flag} {item}: {e}") from None
-    return out
-
-
 def at_least(low: int):
     def check(text: str) -> int:
         try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-        return value
+            return record.integer(text, low)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
     return check
 
 
@@ -146,6 +81,22 @@ def numbers(low: int, high: int):
     return check
 
 
+def add_fields(p: argparse.ArgumentParser, fields):
+    """Flags for record fields, made from the record (p2p/experiment/record.py): its help and
+    default; the value stays as given (None when not given), for the record to check."""
+    for name in fields:
+        f = record.FIELDS[name]
+        meta, default = f.metadata, f.default
+        shown = record.window_text(default) if not isinstance(default, tuple) else ",".join(map(str, default))
+        help = meta["help"] + (f" (default {shown})" if default not in (None, (), dataclasses.MISSING) else "")
+        kwargs = {"dest": name, "help": help, "metavar": meta.get("metavar")}
+        if meta.get("repeat"):
+            kwargs["action"] = "append"
+        elif meta.get("many"):
+            kwargs |= {"nargs": "+", "action": "extend"}
+        p.add_argument(record.name(name, None), **kwargs)
+
+
 # ---- the parser ------------------------------------------------------------------------
 
 def add_model_args(p: argparse.ArgumentParser):
@@ -163,27 +114,8 @@ def add_prediction_arg(p: argparse.ArgumentParser):
                    "SD 2.0 / 2.1 at 768 px, epsilon for the -base models at 512 px")
 
 
-def add_sampling_args(p: argparse.ArgumentParser):
-    p.add_argument("--seed", type=seed, default=0, help="seed of the shared initial noise, 0 to 2**64-1 "
-                   "(default 0)")
-    p.add_argument("--steps", type=at_least(1), default=50, help="sampling steps, 1 to 1000 (default 50)")
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="ddim (default), or plms: the official "
-                   "SD notebook's scheduler (PNDM without Runge-Kutta steps), N + 1 UNet calls for N steps")
-    p.add_argument("--guidance", type=finite, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    p.add_argument("--height", type=at_least(8), default=512, help="image height, a multiple of 8 (default: "
-                   "the model's native size, 512, or 768 for SD 2 at 768 px)")
-    p.add_argument("--width", type=at_least(8), default=512, help="image width, a multiple of 8 (default: the "
-                   "model's native size)")
-
-
-def add_inversion_args(p: argparse.ArgumentParser):
-    p.add_argument("--method", choices=METHODS, default="null-text", help="inversion: null-text "
-                   "(optimised, slow), negative-prompt (no optimisation), plain ddim, or direct (DDIM inversion "
-                   "whose trajectory the edit's source row follows back to the photo; default null-text)")
-    p.add_argument("--inner-steps", type=at_least(1), default=10, help="null-text: Adam steps per DDIM step "
-                   "at most (default 10)")
-    p.add_argument("--offsets", default="0,0,0,0", metavar="L,R,T,B", help="pixels to crop off the photo's "
-                   "left, right, top and bottom before the centre square (default 0,0,0,0)")
+SAMPLING = ("seed", "steps", "sampler", "guidance", "height", "width")
+INVERSION = ("method", "inner_steps", "offsets")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -194,7 +126,7 @@ def parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for several")
     p.add_argument("--negative", default="", help='unconditional prompt of guidance (default "")')
-    add_sampling_args(p)
+    add_fields(p, SAMPLING)
     p.add_argument("--out", type=path, required=True, help="image (.png with the settings as metadata, "
                    ".jpg, .webp): the images side by side, labelled")
     p.add_argument("--latents-out", type=path, help="safetensors: final latents [n_prompts, 4, H/8, W/8]")
@@ -203,69 +135,21 @@ def parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--recipe", type=path, help="re-run an earlier result exactly: its image or latents file "
                    "(or a JSON experiment record); the edit's flags given with it change single fields")
-    p.add_argument("--source", help="the source prompt (required without --recipe)")
-    p.add_argument("--target", action="append", default=[], help="a target prompt; repeat for several")
-    p.add_argument("--mode", choices=["replace", "refine", "reweight"],
-                   help="replace: swap words (same word count); refine: add words; reweight: scale words")
-    p.add_argument("--cross-steps", type=window, default=0.8, help="fraction (or START:END) of steps with "
-                   "cross-attention replacement (default 0.8)")
-    p.add_argument("--word-steps", nargs="+", action="extend", default=[], metavar="WORD=F",
-                   help="a cross-attention window for one word of the targets (F or START:END)")
-    p.add_argument("--self-steps", type=window, default=0.4, help="fraction (or START:END) of steps with "
-                   "self-attention injection (default 0.4)")
-    p.add_argument("--self-max-tokens", type=at_least(0), default=256, help="inject self-attention only in "
-                   "layers with at most this many keys (default 256 = 16x16 at 512 px; (H/32)x(W/32) for a model native to "
-                   "another size)")
-    p.add_argument("--blend", nargs="+", action="extend", default=[], metavar="WORDS",
-                   help="local blend: one comma-separated word list per prompt, source first")
-    p.add_argument("--blend-threshold", type=finite, default=0.3, help="local blend mask threshold "
-                   "(default 0.3)")
-    p.add_argument("--blend-res", type=at_least(1), default=16, help="resolution of the cross-attention maps "
-                   "local blend reads (default 16, the paper's choice at 512 px; the short side / 32 for a model native "
-                   "to another size)")
-    p.add_argument("--blend-start", type=fraction, default=0.0, metavar="F", help="blend only from update "
-                   "int(F * steps) on (default 0, every update; the null-text notebook uses 0.2)")
-    p.add_argument("--blend-subtract", nargs="+", action="extend", default=[], metavar="WORDS",
-                   help="local blend: remove these words' regions from the mask; one comma-separated list "
-                   "per prompt, source first (the null-text notebook's substruct_words)")
-    p.add_argument("--blend-mask", type=path, metavar="MASK", help="local blend inside a region you drew instead "
-                   "of words' attention: an image whose bright pixels (> 127) mark it, resized to the latents; "
-                   "where it has alpha, transparent pixels are outside")
-    p.add_argument("--replace-mapper", choices=["aligned", "official"], default="aligned",
-                   help="replace: aligned (default) keeps the tokens after a swapped word aligned; official "
-                   "is the authors' mapper, which shifts them when the swapped words' token counts differ (on our "
-                   "word split: for a '#' inside a word, a combining accent or two spaces in a row theirs splits "
-                   "words differently, so it then differs from their exact mapper)")
-    p.add_argument("--reweight", nargs="+", action="extend", default=[], metavar="WORD=SCALE",
-                   help="scale a target word's attention (negative allowed); stacks on replace/refine")
-    p.add_argument("--cross-sites", default="", metavar="ITEMS", help="the layers the cross edit acts in: "
-                   "comma-separated PLACE:SIDE, PLACE down, mid, up or any, SIDE the short side of the feature "
-                   "map (16 for 16x16 at 512 px) or any; `p2p sites` lists them (default: every layer)")
-    p.add_argument("--self-sites", default="", metavar="ITEMS", help="the layers of the self-attention "
-                   "injection, as --cross-sites; --self-max-tokens applies on top (default: every layer)")
-    add_sampling_args(p)
+    add_fields(p, [f for f in record.FIELDS if f not in ("image", "inversion", *INVERSION)])
     p.add_argument("--out", type=path, required=True, help="image (.png, .jpg, .webp): source and targets "
                    "side by side, labelled")
     p.add_argument("--latents-out", type=path, help="safetensors: final latents [1 + n_targets, 4, H/8, W/8]")
     p.add_argument("--maps-out", type=path, help="image: per-token cross-attention maps of every prompt")
-    p.add_argument("--maps-res", type=at_least(1), default=16, help="resolution of the maps --maps-out "
-                   "draws (default 16; the short side / 32 for a model native to another size)")
-    p.add_argument("--image", type=path, help="edit this photo (--source describes it) instead of sampling from "
-                   "--seed; square, --height = --width")
-    p.add_argument("--inversion", type=path, help="the photo's inversion from `p2p invert`, which fixes the "
-                   "method, inner steps and offsets (default: invert first, keeping the result as "
-                   "OUT_DIR/PHOTO.KEY.inversion.safetensors, KEY a hash of the settings, for the next edit)")
-    add_inversion_args(p)
+    p.add_argument("--maps-res", type=at_least(1), help="resolution of the maps --maps-out draws (default 16; "
+                   "the short side / 32 for a model native to another size)")
+    add_fields(p, ("image", "inversion", *INVERSION))
 
     p = commands.add_parser("invert", help="invert a photo for editing: x_T and per-step null embeddings")
     add_model_args(p)
     p.add_argument("--image", type=path, required=True, help="the photo: any image Pillow reads")
     p.add_argument("--prompt", required=True, help="a caption of the photo; edit it later with --source PROMPT")
-    add_inversion_args(p)
-    p.add_argument("--steps", type=at_least(1), default=50, help="DDIM steps (default 50)")
-    p.add_argument("--guidance", type=finite, default=7.5, help="the guidance the photo will be edited at "
-                   "(default 7.5)")
-    p.add_argument("--size", type=at_least(8), default=512, help="model image size: the photo is "
+    add_fields(p, (*INVERSION, "steps", "guidance"))
+    p.add_argument("--size", type=at_least(8), help="model image size: the photo is "
                    "centre-cropped to a square and resized to it (default: the model's native size, 512, or 768 for SD 2 at "
                    "768 px)")
     p.add_argument("--out", type=path, required=True, help="safetensors: x_T, z0, null_embeddings or "
@@ -274,13 +158,13 @@ def parser() -> argparse.ArgumentParser:
     p = commands.add_parser("maps", help="per-token cross-attention maps over the generated image")
     add_model_args(p)
     p.add_argument("--prompt", required=True, help="the prompt whose image and token maps are drawn")
-    p.add_argument("--res", type=at_least(1), default=16, help="resolution of the maps averaged (default 16; "
+    p.add_argument("--res", type=at_least(1), help="resolution of the maps averaged (default 16; "
                    "the short side / 32 for a model native to another size)")
     p.add_argument("--steps-range", default="", metavar="A:B", help="average over steps A..B-1 (UNet calls "
                    "under plms; default all)")
     p.add_argument("--sites", default="", metavar="ITEMS", help="average only these layers at --res, "
                    "PLACE:SIDE items as edit's --cross-sites (default: the down and up blocks)")
-    add_sampling_args(p)
+    add_fields(p, SAMPLING)
     p.add_argument("--out", type=path, required=True, help="image: the image, then one map per token")
     p.add_argument("--components", type=at_least(0), default=0, metavar="N",
                    help="also draw the top N principal components of self-attention at --res")
@@ -313,8 +197,8 @@ def parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--out", type=Path, required=True, help="its folder: results*.jsonl, table.md, sheet.png, "
                    "cells/ (made if missing; a rerun resumes)")
-    p.add_argument("--methods", type=names(PIE_METHODS), default=list(PIE_METHODS), metavar="M,M",
-                   help=f"inversions, comma-separated (default {','.join(PIE_METHODS)})")
+    p.add_argument("--methods", type=names(record.METHODS), metavar="M,M", help="inversions, comma-separated "
+                   "(default all: ddim, null-text, negative-prompt, direct)")
     p.add_argument("--types", type=numbers(0, 9), metavar="T,T", help="editing types 0-9, comma-separated "
                    "(default all)")
     p.add_argument("--limit", type=at_least(1), metavar="N", help="the first N photos of each type (default all)")
@@ -336,9 +220,7 @@ def parser() -> argparse.ArgumentParser:
     p = commands.add_parser("sites", help="list every attention layer: call order, name, place, map size")
     p.add_argument("--weights", type=path, required=True, help="SD v1 or 2.x checkpoint (only its headers are read)")
     add_prediction_arg(p)
-    p.add_argument("--height", type=at_least(8), default=512, help="image height (default: the model's native "
-                   "size)")
-    p.add_argument("--width", type=at_least(8), default=512, help="image width (default: the model's native size)")
+    add_fields(p, ("height", "width"))
 
     p = commands.add_parser("download", help="fetch a diffusers-layout SD repository, or one transformers "
                             "model for the metrics (safetensors only)")
@@ -350,16 +232,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def parse(argv=None) -> argparse.Namespace:
-    """The flags, with the WORD=VALUE lists turned into dicts (errors exit 2 in one line)."""
-    p = parser()
-    args = p.parse_args(argv)
-    if args.command == "edit":
-        try:
-            args.reweight = pairs(args.reweight, "--reweight", finite)
-            args.word_steps = pairs(args.word_steps, "--word-steps", window)
-        except argparse.ArgumentTypeError as e:
-            p.exit(2, f"p2p edit: error: {e} (see --help)\n")
-    return args
+    """The flags (errors exit 2 in one line)."""
+    return parser().parse_args(argv)
 
 
 def main(argv=None) -> int:

@@ -7,9 +7,9 @@ import os
 from pathlib import Path
 
 from models import InputError
+from models.files import FOLDER   # each component's weight file name
 
 # The networks we load, and the stem of their weight file in the diffusers layout.
-COMPONENTS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
 # Small side files, taken when the repository has them (models/ also bundles the CLIP tokenizer; the
 # scheduler config says what the UNet predicts, the tokenizer's special tokens what SD 2 pads with).
 EXTRAS = [
@@ -31,8 +31,8 @@ LOCAL_WEIGHTS = "--weights PATH (a .safetensors file or a diffusers folder)"
 
 def _weight(component: str, names: set[str], fp16: bool) -> str:
     """The one safetensors weight file of a component: the plain one, or the fp16 one if asked for."""
-    plain = f"{component}/{COMPONENTS[component]}.safetensors"
-    half = f"{component}/{COMPONENTS[component]}.fp16.safetensors"
+    plain = f"{component}/{FOLDER[component]}.safetensors"
+    half = f"{component}/{FOLDER[component]}.fp16.safetensors"
     for name in [half, plain] if fp16 else [plain, half]:
         if name in names:
             return name
@@ -56,7 +56,7 @@ def select_files(names: list[str], fp16: bool = False) -> list[str]:
                              "because pickles (.bin, .ckpt) are never loaded")
         return sorted([name for name in MODEL_FILES if name in names] + ["model.safetensors"])
     picked = [name for name in EXTRAS if name in names]
-    for component in COMPONENTS:
+    for component in FOLDER:
         if f"{component}/config.json" not in names:
             raise InputError(f"the repository has no {component}/config.json: "
                              "it is not a diffusers-layout Stable Diffusion repository")

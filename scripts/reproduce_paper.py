@@ -9,10 +9,10 @@ Two manifests, both lists of entries, each an experiment record (p2p/experiment/
 - scripts/official_examples.json: each cell of google/prompt-to-prompt's notebooks that renders
   an edit or a map, transcribed (PLMS, the authors' mapper and seed 8888 for the SD notebook;
   DDIM, a real photo and blend start 0.2 for the null-text one).
-Each edit entry runs through commands.edit_record, as `p2p edit` does (OUT/NAME.png, and its
-token maps OUT/NAME-maps.png); a "maps" entry through commands.write_maps (OUT/NAME.png);
-"baseline" entries also render the prompts without the edit, as the notebook's
-run_baseline=True does (OUT/NAME-baseline.png). OUT/index.html shows every image beside the
+Each edit entry takes the road of `p2p edit` (p2p/experiment/run.py: prepare, run, write; OUT/NAME.png,
+and its token maps OUT/NAME-maps.png); a "maps" entry run.attention_maps (OUT/NAME.png);
+"baseline" entries also render the prompts without the edit (run.generation), as the notebook's
+run_baseline=True does (OUT/NAME-baseline.png). Sizes an entry leaves out are the model's native ones. OUT/index.html shows every image beside the
 `p2p` command that makes it (record.command_line). Every entry is checked before the model
 loads, once. Photo entries need their photo in
 --photos (the null-text notebook's gnochi_mirror.jpeg is in google/prompt-to-prompt's
@@ -28,9 +28,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
-from models import InputError  # noqa: E402
-from p2p import cli, commands, sampler  # noqa: E402
-from p2p.experiment import record  # noqa: E402
+from models import DTYPES, InputError  # noqa: E402
+from models.checkpoint import load as load_architecture  # noqa: E402
+from p2p import sampler, viz  # noqa: E402
+from p2p.experiment import output, record, run  # noqa: E402
 
 MANIFESTS = {"paper": Path(__file__).with_name("paper_examples.json"),
              "official": Path(__file__).with_name("official_examples.json")}
@@ -52,49 +53,62 @@ def record_of(entry: dict, photos: Path | None, where: str) -> record.Experiment
     return record.from_json(fields, where)
 
 
-def sampling(values) -> dict:
-    get = values.get if isinstance(values, dict) else lambda k, d=None: getattr(values, k)
-    defaults = {"seed": 0, "steps": 50, "guidance": 7.5, "height": 512, "width": 512, "sampler": "ddim"}
-    return {k: get(k, defaults[k]) for k in SAMPLING}
+def sampling(values: dict, model) -> dict:
+    """The sampling fields of an entry or a record's JSON: those given, else the record's defaults and
+    the model's native size."""
+    given = {k: values[k] for k in SAMPLING if values.get(k) is not None}
+    size = run.defaults(model, given.get("height"), given.get("width"))
+    return {**{k: record.FIELDS[k].default for k in SAMPLING}, **given, "height": size["height"],
+            "width": size["width"]}
 
 
 def flags(values: dict) -> list[str]:
     return [a for k, v in values.items() for a in (f"--{k.replace('_', '-')}", str(v))]
 
 
-def plan(entry: dict, where: str, out: Path, photos: Path | None, model: list[str]) -> list[tuple]:
-    """[(image file, what to run, the command that makes it)] for one entry: "maps" ->
-    ("maps", kwargs), an edit -> ("edit", record), its baseline -> ("generate", kwargs)."""
+def plan(entry: dict, where: str, out: Path, photos: Path | None, shown_model: list[str], weights: Path,
+         model) -> list[tuple]:
+    """[(image file, what to run, the command that makes it)] for one entry, checked against the
+    model's architecture: "maps" -> ("maps", kwargs), an edit -> ("edit", run.Plan), its baseline
+    -> ("generate", kwargs)."""
     name = entry["name"]
     if entry.get("command") == "maps":
         unknown = [k for k in entry if k not in ABOUT + MAPS]
         if unknown:
             raise InputError(f"{where}: unknown field {unknown[0]!r} for a maps entry")
-        kwargs = {"prompt": entry["prompt"], "res": entry.get("res", 16), **sampling(entry)}
-        shown = ["maps", *model, "--prompt", entry["prompt"], *flags({k: kwargs[k] for k in kwargs if k != "prompt"})]
+        values = sampling(record.check_values({k: entry[k] for k in SAMPLING if k in entry}, where), model)
+        res = entry.get("res") or run.defaults(model, values["height"], values["width"])["blend_res"]
+        kwargs = {"prompt": entry["prompt"], "res": res, **values}
+        shown = ["maps", *shown_model, "--prompt", entry["prompt"], *flags({k: kwargs[k] for k in kwargs if k != "prompt"})]
         return [(f"{name}.png", "maps", kwargs, shown + ["--out", str(out / f"{name}.png")])]
-    r = record_of(entry, photos, where)
-    runs = [(f"{name}.png", "edit", r, ["edit", *model, *record.command_line(r), "--out", str(out / f"{name}.png"),
-                                        "--maps-out", str(out / f"{name}-maps.png")])]
+    outputs = run.Outputs(image=out / f"{name}.png", maps=out / f"{name}-maps.png")
+    edit = run.prepare(record_of(entry, photos, where), weights, outputs, model=model, cache_dir=out)
+    r = edit.record
+    runs = [(f"{name}.png", "edit", edit, ["edit", *shown_model, *record.command_line(r), "--out", str(outputs.image),
+                                           "--maps-out", str(outputs.maps)])]
     if entry.get("baseline"):   # the notebook's run_baseline=True: the same prompts and noise, no edit
-        shown = ["generate", *model, *[a for p in r.prompts for a in ("--prompt", p)], *flags(sampling(r))]
-        runs.insert(0, (f"{name}-baseline.png", "generate", {"prompts": r.prompts, **sampling(r)},
+        values = sampling(r.to_json(), model)
+        shown = ["generate", *shown_model, *[a for p in r.prompts for a in ("--prompt", p)], *flags(values)]
+        runs.insert(0, (f"{name}-baseline.png", "generate", {"prompts": r.prompts, **values},
                         shown + ["--out", str(out / f"{name}-baseline.png")]))
     return runs
 
 
-def render(sd, kind: str, what, image: str, out: Path, weights: Path, dtype: str):
+def render(sd, kind: str, what, image: str, out: Path):
     """Make one image of the plan: the library's own functions, never a command line."""
     if kind == "maps":
         kwargs = dict(what)
         prompt, res = kwargs.pop("prompt"), kwargs.pop("res")
-        calls = sampler.calls(kwargs["sampler"], kwargs["steps"])
-        commands.write_maps(sd, prompt, res, (0, calls), 0, dtype, out / image, **kwargs)
+        grid = run.attention_maps(sd, prompt, res, (0, sampler.calls(kwargs["sampler"], kwargs["steps"])), **kwargs)
+        output.save_image(out / image, grid, {"prompt": prompt, "res": str(res), **run.about(sd, "p2p maps")})
     elif kind == "generate":
-        commands.write_generation(sd, what["prompts"], "", dtype, out / image, None,
-                                  **{k: v for k, v in what.items() if k != "prompts"})
+        kwargs = dict(what)
+        prompts = kwargs.pop("prompts")
+        _, images = run.generation(sd, prompts, **kwargs)
+        output.save_image(out / image, viz.labelled_row(images, prompts),
+                          {"prompts": json.dumps(prompts, ensure_ascii=False), **run.about(sd, "p2p generate")})
     else:
-        commands.edit_record(what, weights, out / image, maps_out=out / f"{image[:-4]}-maps.png", dtype=dtype, sd=sd)
+        run.write(run.run(sd, what), what.outputs)
 
 
 def section(title: str, about: str, entries: list[dict], runs: dict[str, list], skipped: dict[str, str]) -> str:
@@ -126,7 +140,7 @@ def main(argv=None) -> int:
     ap.add_argument("--only", action="append", help="render only the entry of this name (repeatable)")
     ap.add_argument("--photos", type=Path, help="folder with the photos of the photo entries")
     ap.add_argument("--device", choices=["cpu", "cuda", "mps"])
-    ap.add_argument("--dtype", choices=cli.DTYPES, default="float32")
+    ap.add_argument("--dtype", choices=DTYPES, default="float32")
     args = ap.parse_args(argv)
     manifests = {m: load(m) for m in args.manifest or MANIFESTS}
     chosen = {m: [(i, e) for i, e in enumerate(d["examples"]) if not args.only or e["name"] in args.only]
@@ -148,7 +162,8 @@ def main(argv=None) -> int:
         model = ["--weights", str(weights), *model]
         args.out.mkdir(parents=True, exist_ok=True)
         runs, skipped = {}, {}
-        try:   # every entry checked (as a record) before the model loads
+        try:   # every entry checked against the model's architecture before the model loads
+            architecture = load_architecture(weights, "meta")
             for m, es in chosen.items():
                 for i, e in es:
                     if "image" in e and not (args.photos and (args.photos / e["image"]).is_file()):
@@ -156,12 +171,12 @@ def main(argv=None) -> int:
                                              "google/prompt-to-prompt's example_images/)"
                     else:
                         runs[e["name"]] = plan(e, f"{MANIFESTS[m].name}[{i}] ({e['name']})", args.out, args.photos,
-                                               model)
-            sd = commands.load_model(weights, args.device, args.dtype) if runs else None
+                                               model, weights, architecture)
+            sd = run.load(weights, args.device, args.dtype) if runs else None
             for name, entry_runs in runs.items():
                 for image, kind, what, _ in entry_runs:
                     print(f"== {name}: {image}", file=sys.stderr)
-                    render(sd, kind, what, image, args.out, weights, args.dtype)
+                    render(sd, kind, what, image, args.out)
         except InputError as e:
             print(f"reproduce_paper: error: {e}", file=sys.stderr)
             return 2

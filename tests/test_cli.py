@@ -107,9 +107,9 @@ def test_bad_weights(case, tiny_file, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["--height", "100"], "multiples of 8 (got 64x100)"),
-    (["--steps", "0"], "argument --steps: must be at least 1, got 0"),
-    (["--steps", "1001"], "steps must be between 1 and 1000 (got 1001)"),
+    (["--height", "100"], "--height: must be a positive multiple of 8, got 100"),
+    (["--steps", "0"], "--steps: must lie in 1..1000, got 0"),
+    (["--steps", "1001"], "--steps: must lie in 1..1000, got 1001"),
     (["--prompt", " ".join(["cat"] * 80)], "prompt has 80 tokens, at most 75 fit"),
     (["--negative", " ".join(["dog"] * 76)], "prompt has 76 tokens"),
     (["--no-weights"], "the following arguments are required: --weights"),

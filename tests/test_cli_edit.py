@@ -69,9 +69,9 @@ def test_maps_command(tiny_file, tmp_path, capsys):
     (["--mode", "replace", "--target", DOG, "--blend", "cat"], "one word list per prompt (2), got 1"),
     (["--mode", "replace", "--target", DOG, "--blend", "cat", "cow"], "word 'cow' is not in the prompt"),
     (["--mode", "replace", "--target", DOG, "--reweight", "cow=2"], "re-weighted word 'cow' is in no target"),
-    (["--mode", "replace", "--target", DOG, "--reweight", "dog"], "--reweight takes WORD=VALUE"),
+    (["--mode", "replace", "--target", DOG, "--reweight", "dog"], "--reweight: takes WORD=VALUE"),
     (["--mode", "replace", "--target", DOG, "--word-steps", "cow=0.2"], "'cow' of a step window is in no target"),
-    (["--mode", "replace", "--target", DOG, "--cross-steps", "1.5"], "not a step window"),
+    (["--mode", "replace", "--target", DOG, "--cross-steps", "1.5"], "a fraction of the steps lies in [0, 1]"),
     (["--mode", "reweight", "--target", CAT], "--mode reweight needs at least one --reweight"),
     (["--mode", "replace", "--target", DOG, "--blend", "cat", "dog", "--blend-res", "32"],
      "blend_res (--blend-res) 32: at 128x128 this model has down/up cross-attention at resolutions [16, 8, 4] only"),
@@ -82,7 +82,7 @@ def test_maps_command(tiny_file, tmp_path, capsys):
      "a fraction of the steps lies in [0, 1], got 1.5"),
     (["--mode", "replace", "--target", DOG, "--blend", "cat", "dog", "--blend-subtract", "cow", "dog"],
      "word 'cow' is not in the prompt"),
-    (["--mode", "replace", "--target", DOG, "--sampler", "euler"], "argument --sampler: invalid choice"),
+    (["--mode", "replace", "--target", DOG, "--sampler", "euler"], "--sampler: one of ddim, plms, got 'euler'"),
 ])
 def test_bad_edit_input_is_one_line_before_sampling(argv, words, tiny_file, tmp_path, capsys):
     out = tmp_path / "e.png"
@@ -132,24 +132,26 @@ def test_paper_script_smoke_test_on_the_tiny_model(tmp_path):
     assert not (tmp_path / "nulltext-08-tiger.png").exists()
 
 
-def test_every_manifest_entry_is_a_valid_record_and_its_shown_command_gives_it_back(tmp_path):
-    """Each entry of both manifests is a record whose edit builds (all its words exist), and the
-    command the index page shows parses back to that very record; nothing is sampled."""
-    from models.text import load_tokenizer
+def test_every_manifest_entry_is_a_valid_record_and_its_shown_command_gives_it_back(tiny_file, tmp_path):
+    """Each entry of both manifests is a record whose edit is prepared against the model (all its
+    words exist, its layers too), and the command the index page shows parses back to that very
+    record; nothing is sampled."""
+    from models.checkpoint import load
     from p2p import cli, commands
-    from p2p.experiment import run as p2p_run
-    paper, tok = script("reproduce_paper"), load_tokenizer()
+    paper, architecture = script("reproduce_paper"), load(tiny_file, "meta")
     for manifest in paper.MANIFESTS:
         for i, ex in enumerate(paper.load(manifest)["examples"]):
-            runs = paper.plan(ex, f"{manifest}[{i}]", tmp_path, tmp_path, ["--weights", "w.safetensors"])
+            if "image" in ex:
+                Image.new("RGB", (600, 600)).save(tmp_path / ex["image"])
+            runs = paper.plan(ex, f"{manifest}[{i}]", tmp_path, tmp_path, ["--weights", "w.safetensors"], tiny_file,
+                              architecture)
             assert runs[-1][0] == f"{ex['name']}.png" and len(runs) == 1 + bool(ex.get("baseline"))
             for image, kind, what, shown in runs:
                 args = cli.parse(shown)
                 assert args.command == kind
                 if kind == "edit":
-                    edit = p2p_run.build_edit(what, tok)
-                    assert edit.b == 1 + len(ex["targets"]) and (edit.blend is not None) == ("blend" in ex)
-                    assert commands.record_of(args) == what
+                    assert what.edit.b == 1 + len(ex["targets"]) and (what.edit.blend is not None) == ("blend" in ex)
+                    assert commands.record_of(args) == what.record
 
 
 def test_the_official_manifest_covers_every_rendering_cell_as_the_notebooks_set_them():

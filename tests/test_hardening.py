@@ -153,9 +153,9 @@ def test_malformed_checkpoints_are_one_line(tiny_file, tiny_folder, tmp_path, ca
 
 def test_seeds_beyond_64_bits_are_refused_and_the_largest_works(tiny_file, tmp_path, capsys):
     refused(capsys, tmp_path, ["generate", "--weights", tiny_file, "--prompt", CAT, *FAST, "--seed", 2 ** 64,
-                               "--out", tmp_path / "g.png"], "seeds are 0 to 2**64-1")
+                               "--out", tmp_path / "g.png"], "--seed: must lie in 0..2**64-1")
     refused(capsys, tmp_path, ["generate", "--weights", tiny_file, "--prompt", CAT, *FAST, "--seed", -1,
-                               "--out", tmp_path / "g.png"], "seeds are 0 to 2**64-1")
+                               "--out", tmp_path / "g.png"], "--seed: must lie in 0..2**64-1")
     ok(capsys, "generate", "--weights", tiny_file, "--prompt", CAT, *FAST, "--seed", 2 ** 64 - 1,
        "--out", tmp_path / "g.png")
     with pytest.raises(InputError, match="seeds are"):
@@ -298,7 +298,7 @@ def test_outputs_are_written_in_the_format_their_name_says(tiny_file, tmp_path, 
     (["edit", "--source", CAT, "--target", DOG, "--mode", "replace", "--word-steps", "dog=0.8:0.2"],
      "ends before it starts"),
     (["edit", "--source", CAT, "--target", DOG, "--mode", "replace", "--word-steps", "dog=1.5"],
-     "fractions of the steps lie in [0, 1]"),
+     "--word-steps: dog=1.5: a fraction of the steps lies in [0, 1]"),
     (["generate", "--prompt", CAT, "--steps", "3", "--steps", "4"], "--steps given twice"),
 ])
 def test_repeated_and_reversed_flags_are_refused(argv, words, tiny_file, tmp_path, capsys):
@@ -348,9 +348,13 @@ def test_every_output_is_reported(tiny_file, tmp_path, capsys):
 
 
 def test_the_light_cli_names_what_the_library_has():
-    """cli.py keeps its choices without importing torch: they must stay the library's."""
-    from p2p import cli, commands
-    assert cli.METHODS == inversion.METHODS and cli.DTYPES == tuple(commands.DTYPES)
+    """cli.py keeps its choices without importing torch (they come from the record and models/): they
+    must stay the library's."""
+    import models
+    from p2p.experiment import record, run
+    from models import ddim
+    assert record.METHODS == inversion.METHODS and models.DTYPES == tuple(run.DTYPES)
+    assert record.SAMPLERS == tuple(sampler.SAMPLERS) and record.MAX_STEPS == ddim.TRAIN_STEPS
 
 
 # ---- issue 16: hardening 2 -------------------------------------------------------------------
@@ -378,7 +382,7 @@ def test_a_recipe_that_is_not_a_json_object_is_one_line(text, tiny_file, tmp_pat
 def test_reweight_scales_past_float32_are_one_line(scale, tiny_file, tmp_path, capsys):
     refused(capsys, tmp_path, ["edit", "--weights", tiny_file, "--source", CAT, "--target", CAT, "--mode",
                                "reweight", "--reweight", f"cat={scale}", *FAST, "--out", tmp_path / "e.png"],
-            "--reweight: must lie within +-3.4e38")
+            f"--reweight: cat={scale}: must lie within +-3.4e38")
 
 
 @pytest.mark.parametrize("threshold", ["2", "-0.1"])

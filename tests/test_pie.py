@@ -233,7 +233,7 @@ def test_no_inversion_is_left_behind_and_absent_lpips_has_no_column(tiny_file, t
 
 
 @pytest.mark.parametrize("base, words", [
-    (["height=63"], "p2p bench: error: width and height must be positive multiples of 8 (got 64x63)"),
+    (["height=63"], "p2p bench: error: --base.height: must be a positive multiple of 8, got 63"),
     (["height=128"], "p2p bench: error: --base: photos are edited square, got width 64 and height 128"),
     (["sampler=plms"], "p2p bench: error: --base.sampler plms cannot edit a photo"),
     (["method=ddim"], "p2p bench: error: --base method: each photo's --methods sets it, give --methods"),

@@ -300,21 +300,29 @@ def test_materialised_attention_scores_do_not_overflow_in_float16():
         assert torch.equal(layer(x, edit=Explicit()), x) and torch.equal(layer(x), x)
 
 
-def test_flags_left_at_their_defaults_follow_the_models_native_size():
+def test_fields_left_to_the_model_follow_its_native_size(tiny_folder, tmp_path):
+    """run.prepare fills them for every caller (the CLI, sweeps, bench pie, scripts, Python): the
+    native size, and the blend and map resolution and self-attention limit that scale with it."""
+    import json
+    import shutil
     from types import SimpleNamespace
-    from p2p import cli, commands
-    args = cli.parse(["edit", "--weights", "w", "--source", "a cat", "--target", "a dog", "--mode", "replace",
-                      "--out", "o.png", "--width", "640", "--self-max-tokens", "100"])
-    commands.native_defaults(args, SimpleNamespace(native_size=768))
-    assert (args.height, args.width, args.blend_res, args.maps_res, args.self_max_tokens) == (768, 640, 20, 20, 100)
-    args = cli.parse(["edit", "--weights", "w", "--source", "a cat", "--target", "a dog", "--mode", "replace",
-                      "--out", "o.png"])
-    commands.native_defaults(args, SimpleNamespace(native_size=768))
-    assert (args.height, args.width, args.blend_res, args.self_max_tokens) == (768, 768, 24, 576)
-    args = cli.parse(["edit", "--weights", "w", "--source", "a cat", "--target", "a dog", "--mode", "replace",
-                      "--out", "o.png", "--height", "256", "--width", "256"])
-    commands.native_defaults(args, SimpleNamespace(native_size=768))
-    assert (args.blend_res, args.self_max_tokens) == (8, 64)
-    args = cli.parse(["generate", "--weights", "w", "--prompt", "a cat", "--out", "o.png"])
-    commands.native_defaults(args, SimpleNamespace(native_size=512))
-    assert (args.height, args.width) == (512, 512)
+    from models.checkpoint import load
+    from p2p.experiment import record, run
+    assert run.defaults(SimpleNamespace(native_size=768), None, 640) == {
+        "height": 768, "width": 640, "blend_res": 20, "self_max_tokens": 480}
+    assert run.defaults(SimpleNamespace(native_size=768), 256, 256) == {
+        "height": 256, "width": 256, "blend_res": 8, "self_max_tokens": 64}
+    assert run.defaults(SimpleNamespace(native_size=512), 256, None) == {   # SD v1 keeps the paper's 16 and 256
+        "height": 256, "width": 512, "blend_res": 16, "self_max_tokens": 256}
+    native_768 = tmp_path / "w768"
+    shutil.copytree(tiny_folder, native_768)
+    config = native_768 / "unet" / "config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"sample_size": 96}))
+    edit = {"source": "a cat", "targets": ["a dog"], "mode": "replace"}
+    for weights, given, want in ((native_768, {}, (768, 768, 24, 576, 24)),
+                                 (native_768, {"width": 640, "self_max_tokens": 100}, (768, 640, 20, 100, 20)),
+                                 (tiny_folder, {}, (512, 512, 16, 256, 16))):
+        plan = run.prepare(record.from_json(edit | given), weights, run.Outputs(maps=tmp_path / "m.png"),
+                           model=load(weights, "meta"))
+        r = plan.record
+        assert (r.height, r.width, r.blend_res, r.self_max_tokens, plan.outputs.maps_res) == want

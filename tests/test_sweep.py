@@ -145,13 +145,13 @@ def test_the_readme_sweep_runs_on_the_tiny_model(tiny_file, tmp_path, capsys):
 
 
 def test_a_process_started_by_torchrun_takes_its_own_gpu(monkeypatch):
-    from p2p import commands
-    monkeypatch.setattr(commands.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(commands.torch.cuda, "device_count", lambda: 4)
+    from p2p.experiment import run
+    monkeypatch.setattr(run.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(run.torch.cuda, "device_count", lambda: 4)
     monkeypatch.setenv("LOCAL_RANK", "6")
-    assert commands.device_of(None) == "cuda:2"
+    assert run.device_of(None) == "cuda:2"
     monkeypatch.delenv("LOCAL_RANK")
-    assert commands.device_of(None) == "cuda"
+    assert run.device_of(None) == "cuda"
 
 
 def test_clip_and_dino_metrics_join_when_their_weights_are_there(tiny_file, nets, tmp_path, capsys):

@@ -24,7 +24,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from models import InputError
-from models.checkpoint import load, prediction_of
+from models.checkpoint import load
 
 from . import metrics
 from ..experiment import output, photo, record, run, grid, sweep
@@ -199,12 +199,12 @@ def cells(items: list[Item], methods: list[str], overrides: dict | None, weights
     blended word missing from its prompt, where PnPInversion's code blends with an empty map)."""
     check_overrides(overrides or {}, methods)
     out_cells, skipped = [], {}
-    prediction = prediction_of(weights, prediction)     # once: a single file's header is read for it
+    architecture = load(weights, "meta", prediction=prediction)     # once: its headers are read for it
     for i, item in enumerate(items):
         try:
             records = [protocol(item, m, overrides) for m in methods]
             for r in records:
-                run.prepare(r, weights, cache_dir=out / "inversions", prediction=prediction)
+                run.prepare(r, weights, model=architecture)
         except InputError as e:
             skipped[item.id] = str(e)
             continue
@@ -213,16 +213,16 @@ def cells(items: list[Item], methods: list[str], overrides: dict | None, weights
     return out_cells, skipped
 
 
-def run_cell(sd, cell: sweep.Cell, item: Item, weights: Path, out: Path, dtype: str, nets: Nets) -> dict:
+def run_cell(sd, cell: sweep.Cell, item: Item, weights: Path, out: Path, nets: Nets) -> dict:
     """Invert and edit one photo with one method, save photo, reconstruction and edit, score them."""
     r = cell.record
-    plan = run.prepare(r, weights, cache_dir=out / "inversions", prediction=sd.prediction)
-    plan.photo.cache = None       # not kept: a null-text inversion is 12 MB, and there are 700 photos
+    # no cache_dir: the inversion is not kept (a null-text inversion is 12 MB, and there are 700 photos)
+    plan = run.prepare(r, weights, run.Outputs(software="p2p bench pie"), model=sd)
     start = time.perf_counter()
     with PeakMemory(sd.device) as memory:
-        result = run.run(sd, plan, dtype)
+        result = run.run(sd, plan)
     seconds = time.perf_counter() - start
-    meta = sweep.cell_metadata(r, sd, dtype, "p2p bench pie")
+    meta = result.metadata
     method = r.method
     names = {"photo": f"cells/{item.id}.photo.png", "reconstruction": f"cells/{item.id}.{method}.reconstruction.png",
              "edit": f"cells/{item.id}.{method}.edit.png"}
@@ -244,11 +244,10 @@ def mask_at(item: Item, size: int) -> torch.Tensor:
 
 def bench(data: Path, weights: Path, out: Path, methods: list[str], types: list[int] | None = None,
           limit: int | None = None, shard=(0, 1), overrides: dict | None = None, load_model=None,
-          dtype: str = "float32", clip=None, dino=None, lpips=None, prediction: str | None = None) -> Path:
+          clip=None, dino=None, lpips=None, prediction: str | None = None) -> Path:
     """Run this shard's unfinished cells, then write table.md and sheet.png from every shard's
     results; returns the table's path."""
     items, every, skipped = plan(data, types, limit, methods, overrides, weights, out, prediction)
-    check_model(every, weights, prediction)
     grid.make_folder(out)
     k, n = shard
     with grid.hold(out, shard):
@@ -264,7 +263,7 @@ def bench(data: Path, weights: Path, out: Path, methods: list[str], types: list[
                         Lpips.load(lpips) if lpips else None)
             by_id = {item.id: item for item in items}
             for cell in tqdm(todo, desc="photos x methods", file=sys.stderr):
-                grid.append(path, run_cell(sd, cell, by_id[cell.case], weights, out, dtype, nets))
+                grid.append(path, run_cell(sd, cell, by_id[cell.case], weights, out, nets))
             print(f"wrote {path} (+{len(todo)} cells) and their images in {out / 'cells'}", file=sys.stderr)
     return report(every, skipped, methods, out)
 
@@ -296,16 +295,6 @@ def select(items: list[Item], bad: dict, types: list[int] | None, limit: int | N
     if not chosen and not skipped:
         raise InputError(f"no PIE-Bench item of type {', '.join(map(str, types or []))} in the data")
     return chosen, skipped
-
-
-def check_model(every: list[sweep.Cell], weights: Path, prediction: str | None = None):
-    """The blend's resolution and the layers exist at the size, before the model loads."""
-    architecture = load(weights, "meta", prediction=prediction)
-    for cell in every:
-        try:
-            run.check_model(architecture, cell.record)
-        except InputError as e:
-            raise InputError(f"item {cell.case}: {e}") from None
 
 
 # ---- the tables and the sheet ----------------------------------------------------------------

@@ -143,9 +143,11 @@ def fixed_by(path: Path, inv: Inversion, record) -> dict:
     return fixed
 
 
-def prepare(record, weights_name: str, weights_fingerprint: str, cache_dir: Path, prediction: str = "epsilon") -> Photo:
+def prepare(record, weights_name: str, weights_fingerprint: str, cache_dir: Path | None,
+            prediction: str = "epsilon") -> Photo:
     """Before the model loads: the record's photo, and its inversion if there is one, checked
-    against the weights (`record` is a p2p.record.Experiment with an image)."""
+    against the weights (`record`: an Experiment with an image); a new inversion is to be kept in
+    `cache_dir` (None: not kept), where an earlier one is reused."""
     if record.height != record.width:
         raise InputError(f"photos are edited square: width {record.width} and height {record.height} differ")
     want = settings(Path(record.image), record.source, record.method, record.steps, record.guidance,
@@ -157,8 +159,8 @@ def prepare(record, weights_name: str, weights_fingerprint: str, cache_dir: Path
                      fixed_by(Path(record.inversion), inv, record))
     check_settings(record.method, record.steps, record.height)
     image = load(Path(record.image), want)
-    cache = cache_path(Path(record.image), cache_dir, want)
-    if not cache.exists():
+    cache = cache_path(Path(record.image), cache_dir, want) if cache_dir is not None else None
+    if cache is None or not cache.exists():
         return Photo(image, want, None, cache)
     try:
         cached = inversion.read(cache)
@@ -173,7 +175,7 @@ def prepare(record, weights_name: str, weights_fingerprint: str, cache_dir: Path
     return Photo(image, want, cached, None, cache)
 
 
-def inversion_of(sd, photo: Photo, dtype: str) -> Inversion:
+def inversion_of(sd, photo: Photo) -> Inversion:
     """The given or cached inversion (checked against the model), or a new one, saved in the cache
     (not kept where the photo's cache is None)."""
     inv = photo.inversion
@@ -189,6 +191,6 @@ def inversion_of(sd, photo: Photo, dtype: str) -> Inversion:
                          "too large, or weights holding nan or inf)")
     if photo.cache is None:
         return inv
-    inversion.save(photo.cache, inv, {"dtype": dtype, "device": str(sd.device)})
+    inversion.save(photo.cache, inv, {"dtype": str(sd.dtype).removeprefix("torch."), "device": str(sd.device)})
     print(f"wrote {photo.cache} (the next edit of this photo with these settings reuses it)", file=sys.stderr)
     return inv

@@ -1,10 +1,13 @@
 """The experiment record: every setting that decides an edit's pixels, in one frozen dataclass.
 
-Built from the `p2p edit` flags (cli.py) or from JSON (the manifests of scripts/, a result's
-own metadata for `--recipe`), written whole into every output's metadata, and run by
-`p2p.run.run(model, record)`. Field names are the flags' names. In JSON a window is F or
-[START, END] (or "START:END"), word lists are lists (or "a,b" strings), offsets are
-[L, R, T, B] (or "L,R,T,B"). Standard library only, so the command line stays instant.
+Each field carries its check and its help, so the `p2p edit` flags (cli.py), JSON (the manifests
+of scripts/, sweep specs, a result's own metadata for `--recipe`) and Python all build records
+through one validator, `from_json`. A record is written whole into every output's metadata and
+run by p2p/experiment/run.py. Field names are the flags' names. In JSON a window is F or
+[START, END] (or "START:END"), word lists are lists (or "a,b" strings), {word: value} objects
+may be ["WORD=VALUE", ...] lists, offsets are [L, R, T, B] (or "L,R,T,B"). Fields left None
+take the model's own defaults (its native size and what scales with it) in run.prepare.
+Standard library only, so the command line stays instant.
 """
 import dataclasses
 import json
@@ -15,6 +18,7 @@ from dataclasses import dataclass, field
 from models import InputError
 
 MAX_SEED = 2 ** 64 - 1                     # torch.Generator.manual_seed's range
+MAX_STEPS = 1000                           # SD's training steps: DDIM can take at most one step each
 FLOAT32_MAX = 3.4028234663852886e38         # a scale past it overflows the float32 tensor it goes into
 MODES = ("replace", "refine", "reweight")
 SAMPLERS = ("ddim", "plms")                # p2p/sampler.py's
@@ -22,56 +26,6 @@ MAPPERS = ("aligned", "official")          # p2p/align.py's replace mappers
 METHODS = ("null-text", "negative-prompt", "ddim", "direct")   # p2p/inversion.py's
 
 Window = float | tuple[float, float]
-
-
-@dataclass(frozen=True)
-class Experiment:
-    """One Prompt-to-Prompt run (the CLI's defaults; see `p2p edit --help` for each field)."""
-    source: str
-    targets: tuple[str, ...]
-    mode: str                                   # replace | refine | reweight
-    cross_steps: Window = 0.8                   # fraction or (start, end) of the steps
-    word_steps: dict = field(default_factory=dict)   # {word: window} for single target words
-    self_steps: Window = 0.4
-    self_max_tokens: int = 256
-    blend: tuple[tuple[str, ...], ...] = ()     # local blend words, one tuple per prompt
-    blend_threshold: float = 0.3
-    blend_res: int = 16
-    blend_start: float = 0.0
-    blend_subtract: tuple[tuple[str, ...], ...] = ()
-    blend_mask: str | None = None               # a drawn edit region (image file) instead of blend words
-    reweight: dict = field(default_factory=dict)     # {word: scale}
-    replace_mapper: str = "aligned"
-    sampler: str = "ddim"
-    seed: int = 0
-    steps: int = 50
-    guidance: float = 7.5
-    height: int = 512
-    width: int = 512
-    image: str | None = None                    # a photo to edit instead of sampling from the seed
-    inversion: str | None = None                # its inversion file (default: invert, cached)
-    method: str = "null-text"
-    inner_steps: int = 10
-    offsets: tuple[int, int, int, int] = (0, 0, 0, 0)
-    cross_sites: tuple[tuple[str, int | str], ...] = ()   # (place, side) layers of the cross edit; () all
-    self_sites: tuple[tuple[str, int | str], ...] = ()    # ... of the self-attention injection
-
-    @property
-    def prompts(self) -> list[str]:
-        return [self.source, *self.targets]
-
-    def to_json(self) -> dict:
-        """Plain JSON values, every field (tuples as lists)."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
-
-    def replace(self, **changes) -> "Experiment":
-        """A copy with some fields changed, checked like a new record."""
-        return from_json({**self.to_json(), **changes})
-
-
-FIELDS = {f.name: f for f in dataclasses.fields(Experiment)}
-REQUIRED = tuple(name for name, f in FIELDS.items()
-                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
 
 
 # ---- checking values: each returns the canonical value or raises ValueError(why) ------------
@@ -130,6 +84,8 @@ def scale(value) -> float:
 def window(value) -> Window:
     """F (the first F of the steps) or (START, END), fractions with START <= END."""
     if isinstance(value, str) and ":" in value:
+        if value.count(":") > 1:
+            raise ValueError(f"not a step window: {value!r} has {value.count(':') + 1} parts (use F or START:END)")
         value = value.split(":")
     if isinstance(value, (list, tuple)):
         if len(value) != 2:
@@ -147,6 +103,13 @@ def text(value) -> str:
     return value
 
 
+def path(value) -> str:
+    """A file's path: "" is refused (it would quietly be the working directory)."""
+    if text(value) == "":
+        raise ValueError("an empty path")
+    return value
+
+
 def texts(value) -> tuple[str, ...]:
     if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value:
         raise ValueError(f"a non-empty list of strings, got {value!r}")
@@ -161,9 +124,25 @@ def word_lists(value) -> tuple[tuple[str, ...], ...]:
 
 
 def mapping(value, of) -> dict:
+    """{word: value}, or ["WORD=VALUE", ...] as the command line gives it (each word once)."""
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        pairs = [v.rpartition("=") for v in value]
+        bad = next((v for v, (w, sep, _) in zip(value, pairs) if not sep or not w), None)
+        if bad is not None:
+            raise ValueError(f"takes WORD=VALUE, got {bad!r}")
+        twice = next((w for i, (w, _, _) in enumerate(pairs) if w in [p[0] for p in pairs[:i]]), None)
+        if twice is not None:
+            raise ValueError(f"{twice!r} given twice")
+        value = {w: v for w, _, v in pairs}
     if not isinstance(value, dict):
         raise ValueError(f"a {{word: value}} object, got {value!r}")
-    return {text(k): of(v) for k, v in value.items()}
+    out = {}
+    for k, v in value.items():
+        try:
+            out[text(k)] = of(v)
+        except ValueError as e:
+            raise ValueError(f"{k}={v}: {e}") from None
+    return out
 
 
 def choice(options):
@@ -176,6 +155,14 @@ def choice(options):
 
 def optional(of):
     return lambda value: None if value is None else of(value)
+
+
+def side(value) -> int:
+    """An image side in pixels: the VAE takes 8 pixels to one latent."""
+    value = integer(value, 8)
+    if value % 8:
+        raise ValueError(f"must be a positive multiple of 8, got {value}")
+    return value
 
 
 def offsets(value) -> tuple[int, int, int, int]:
@@ -224,19 +211,106 @@ def sites(value) -> tuple[tuple[str, int | str], ...]:
 def site_text(place: str, side) -> str:
     return f"{place}{side}" if isinstance(side, str) and side.startswith("@") else f"{place}:{side}"
 
+# ---- the record ---------------------------------------------------------------------------
 
-CHECKS = {
-    "source": text, "targets": texts, "mode": choice(MODES), "cross_steps": window,
-    "word_steps": lambda v: mapping(v, window), "self_steps": window,
-    "self_max_tokens": lambda v: integer(v, 0), "blend": word_lists, "blend_threshold": unit,
-    "blend_res": lambda v: integer(v, 1), "blend_start": fraction, "blend_subtract": word_lists, "blend_mask": optional(text),
-    "reweight": lambda v: mapping(v, scale), "replace_mapper": choice(MAPPERS), "sampler": choice(SAMPLERS),
-    "seed": lambda v: integer(v, 0, MAX_SEED), "steps": lambda v: integer(v, 1, 1000), "guidance": number,
-    "height": lambda v: integer(v, 8), "width": lambda v: integer(v, 8), "image": optional(text),
-    "inversion": optional(text), "method": choice(METHODS), "inner_steps": lambda v: integer(v, 1),
-    "offsets": offsets, "cross_sites": sites, "self_sites": sites,
-}
-assert CHECKS.keys() == FIELDS.keys()
+def meta(check, help: str, **flag) -> dict:
+    """A field's check (value -> canonical value, or ValueError) and its help; `flag` holds what the
+    command line needs beyond that: metavar, repeat=True for a flag given once per item, many=True
+    for one that takes several values."""
+    return {"check": check, "help": help, **flag}
+
+
+def steps_window(help: str):
+    return meta(window, help + " (F: the first F of the steps; or START:END)", metavar="F")
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One Prompt-to-Prompt run; each field's help is its flag's (`p2p edit --help`)."""
+    source: str = field(metadata=meta(text, "the source prompt (required without --recipe)"))
+    targets: tuple[str, ...] = field(metadata=meta(texts, "a target prompt; repeat for several", repeat=True))
+    mode: str = field(metadata=meta(choice(MODES), "replace: swap words (same word count); refine: add words; "
+                                    "reweight: scale words", metavar="{" + ",".join(MODES) + "}"))
+    cross_steps: Window = field(default=0.8, metadata=steps_window("steps with cross-attention replacement"))
+    word_steps: dict = field(default_factory=dict, metadata=meta(
+        lambda v: mapping(v, window), "a cross-attention window for one word of the targets", metavar="WORD=F", many=True))
+    self_steps: Window = field(default=0.4, metadata=steps_window("steps with self-attention injection"))
+    self_max_tokens: int | None = field(default=None, metadata=meta(
+        optional(lambda v: integer(v, 0)), "inject self-attention only in layers with at most this many keys "
+        "(default: 256 = 16x16 for a model native to 512 px; (H/32)x(W/32) for one native to another size)"))
+    blend: tuple[tuple[str, ...], ...] = field(default=(), metadata=meta(
+        word_lists, "local blend: one comma-separated word list per prompt, source first", metavar="WORDS", many=True))
+    blend_threshold: float = field(default=0.3, metadata=meta(unit, "local blend mask threshold"))
+    blend_res: int | None = field(default=None, metadata=meta(
+        optional(lambda v: integer(v, 1)), "resolution of the cross-attention maps local blend reads (default: "
+        "16, the paper's at 512 px, for a model native to 512 px; the short side / 32 for one native to another size)"))
+    blend_start: float = field(default=0.0, metadata=meta(
+        fraction, "blend only from update int(F * steps) on (0: every update; the null-text notebook uses 0.2)",
+        metavar="F"))
+    blend_subtract: tuple[tuple[str, ...], ...] = field(default=(), metadata=meta(
+        word_lists, "local blend: remove these words' regions from the mask; one comma-separated list per prompt, "
+        "source first (the null-text notebook's substruct_words)", metavar="WORDS", many=True))
+    blend_mask: str | None = field(default=None, metadata=meta(
+        optional(path), "local blend inside a region you drew instead of words' attention: an image whose bright "
+        "pixels (> 127) mark it, resized to the latents; where it has alpha, transparent pixels are outside",
+        metavar="MASK"))
+    reweight: dict = field(default_factory=dict, metadata=meta(
+        lambda v: mapping(v, scale), "scale a target word's attention (negative allowed); stacks on replace/refine",
+        metavar="WORD=SCALE", many=True))
+    replace_mapper: str = field(default="aligned", metadata=meta(
+        choice(MAPPERS), "replace: aligned keeps the tokens after a swapped word aligned; official is the authors' "
+        "mapper, which shifts them when the swapped words' token counts differ (on our word split: for a '#' inside "
+        "a word, a combining accent or two spaces in a row theirs splits words differently, so it then differs from "
+        "their exact mapper)", metavar="{" + ",".join(MAPPERS) + "}"))
+    sampler: str = field(default="ddim", metadata=meta(
+        choice(SAMPLERS), "ddim, or plms: the official SD notebook's scheduler (PNDM without Runge-Kutta steps), "
+        "N + 1 UNet calls for N steps", metavar="{" + ",".join(SAMPLERS) + "}"))
+    seed: int = field(default=0, metadata=meta(lambda v: integer(v, 0, MAX_SEED),
+                                               "seed of the shared initial noise, 0 to 2**64-1"))
+    steps: int = field(default=50, metadata=meta(lambda v: integer(v, 1, MAX_STEPS), "sampling steps, 1 to 1000"))
+    guidance: float = field(default=7.5, metadata=meta(number, "classifier-free guidance scale"))
+    height: int | None = field(default=None, metadata=meta(
+        optional(side), "image height, a multiple of 8 (default: the model's native size, 512, or 768 for SD 2 at "
+        "768 px)"))
+    width: int | None = field(default=None, metadata=meta(
+        optional(side), "image width, a multiple of 8 (default: the model's native size)"))
+    image: str | None = field(default=None, metadata=meta(
+        optional(path), "edit this photo (--source describes it) instead of sampling from --seed; square, "
+        "--height = --width"))
+    inversion: str | None = field(default=None, metadata=meta(
+        optional(path), "the photo's inversion from `p2p invert`, which fixes the method, inner steps and offsets "
+        "(default: invert first, keeping the result as OUT_DIR/PHOTO.KEY.inversion.safetensors, KEY a hash of the "
+        "settings, for the next edit)"))
+    method: str = field(default="null-text", metadata=meta(
+        choice(METHODS), "inversion: null-text (optimised, slow), negative-prompt (no optimisation), plain ddim, or "
+        "direct (DDIM inversion whose trajectory the edit's source row follows back to the photo)",
+        metavar="{" + ",".join(METHODS) + "}"))
+    inner_steps: int = field(default=10, metadata=meta(lambda v: integer(v, 1),
+                                                       "null-text: Adam steps per DDIM step at most"))
+    offsets: tuple[int, int, int, int] = field(default=(0, 0, 0, 0), metadata=meta(
+        offsets, "pixels to crop off the photo's left, right, top and bottom before the centre square",
+        metavar="L,R,T,B"))
+    cross_sites: tuple[tuple[str, int | str], ...] = field(default=(), metadata=meta(
+        sites, "the layers the cross edit acts in: comma-separated PLACE:SIDE, PLACE down, mid, up or any, SIDE the "
+        "short side of the feature map (16 for 16x16 at 512 px) or any; `p2p sites` lists them (default: every "
+        "layer)", metavar="ITEMS"))
+    self_sites: tuple[tuple[str, int | str], ...] = field(default=(), metadata=meta(
+        sites, "the layers of the self-attention injection, as --cross-sites; --self-max-tokens applies on top "
+        "(default: every layer)", metavar="ITEMS"))
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.source, *self.targets]
+
+    def to_json(self) -> dict:
+        """Plain JSON values, every field (tuples as lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Experiment)}
+REQUIRED = tuple(name for name, f in FIELDS.items()
+                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+NATIVE = ("height", "width", "blend_res", "self_max_tokens")   # None: the model's (run.prepare resolves them)
 
 
 PATHS = ("image", "blend_mask", "inversion")   # the fields that name files
@@ -255,25 +329,32 @@ def name(field: str, where: str | None) -> str:
     return f"{where}.{field}"
 
 
-def from_json(data: dict, where: str | None = "record") -> Experiment:
-    """A record from JSON values; the first bad entry is one InputError naming its path, e.g.
-    "spec.cases[2].cross_steps: a fraction of the steps lies in [0, 1], got 1.5" (or its flag,
-    with `where` None: the command line builds records through here too)."""
-    if not isinstance(data, dict):
-        raise InputError(f"{where}: an experiment record is a JSON object, got {type(data).__name__}")
+def check_values(data: dict, where: str | None = "record") -> dict:
+    """Each field alone, canonical ({field: value}); the first bad or unknown one is one InputError
+    naming its path in JSON (`where.field`) or its flag (`where` None)."""
     unknown = [k for k in data if k not in FIELDS]
     if unknown:
         raise InputError(f"{where or 'flags'}: unknown field {unknown[0]!r} (the fields are {', '.join(FIELDS)})")
+    values = {}
+    for field_name, value in data.items():
+        try:
+            values[field_name] = FIELDS[field_name].metadata["check"](value)
+        except ValueError as e:
+            raise InputError(f"{name(field_name, where)}: {e}") from None
+    return values
+
+
+def from_json(data: dict, where: str | None = "record") -> Experiment:
+    """A record from JSON values, the one validator of records; the first bad entry is one
+    InputError naming its path, e.g. "spec.cases[2].cross_steps: a fraction of the steps lies in
+    [0, 1], got 1.5" (or its flag, with `where` None: the command line builds records here too)."""
+    if not isinstance(data, dict):
+        raise InputError(f"{where}: an experiment record is a JSON object, got {type(data).__name__}")
+    values = check_values(data, where)
     missing = [k for k in REQUIRED if k not in data]
     if missing:
         raise InputError(f"{name(missing[0], where)} is " + ("required (or give --recipe)" if where is None
                                                               else "missing"))
-    values = {}
-    for field_name, value in data.items():
-        try:
-            values[field_name] = CHECKS[field_name](value)
-        except ValueError as e:
-            raise InputError(f"{name(field_name, where)}: {e}") from None
     record = Experiment(**values)
     check(record, where)
     return record
@@ -306,7 +387,7 @@ def command_line(record: Experiment) -> list[str]:
     defaults, out = Experiment(record.source, record.targets, record.mode), []
     for field_name in FIELDS:
         value = getattr(record, field_name)
-        if field_name in REQUIRED or value != getattr(defaults, field_name):
+        if field_name in REQUIRED or value != getattr(defaults, field_name) and value is not None:
             flag = name(field_name, None)
             if field_name == "targets":
                 out += [a for t in value for a in (flag, t)]

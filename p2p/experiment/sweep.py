@@ -83,17 +83,6 @@ def read_spec(path: Path) -> dict:
     return spec
 
 
-def check_values(fields: dict, where: str):
-    """Each field alone, so an error names the entry it came from."""
-    for name, value in fields.items():
-        if name not in record.FIELDS:
-            raise InputError(f"{where}: unknown field {name!r} (the fields are {', '.join(record.FIELDS)})")
-        try:
-            record.CHECKS[name](value)
-        except ValueError as e:
-            raise InputError(f"{where}.{name}: {e}") from None
-
-
 def shape(spec: dict) -> tuple[dict, list, dict, int]:
     """The spec's base, cases and axes, checked as a whole (not cell by cell), and its cell count."""
     unknown = [k for k in spec if k not in SPEC_KEYS]
@@ -136,7 +125,7 @@ def cells(spec: dict, overrides: dict | None = None) -> list[Cell]:
         raise InputError(f"spec: {count:,} cells ({len(cases)} cases x {count // len(cases):,} combinations of the "
                          f"axes), more than a sweep takes ({MAX_CELLS:,}): split it into several specs")
     overrides = overrides or {}
-    check_values(base, "spec.base")
+    record.check_values(base, "spec.base")
     for name in overrides:       # what --base would set and a cell would then overwrite: refused, not ignored
         if name in axes:
             raise InputError(f"--base {name}: {name} is an axis of the spec (spec.axes.{name}), which sets it per cell")
@@ -147,7 +136,7 @@ def cells(spec: dict, overrides: dict | None = None) -> list[Cell]:
         seen = {}
         for j, value in enumerate(values):
             try:
-                canonical = json.dumps(record.CHECKS[name](value))
+                canonical = json.dumps(record.FIELDS[name].metadata["check"](value))
             except ValueError as e:
                 raise InputError(f"spec.axes.{name}[{j}]: {e}") from None
             if canonical in seen and spec.get("combine", "grid") == "grid":
@@ -165,7 +154,7 @@ def cells(spec: dict, overrides: dict | None = None) -> list[Cell]:
             raise InputError(f"{where}: a second case named {case['name']!r}")
         names.add(case["name"])
         fields = {k: v for k, v in case.items() if k != "name"}
-        check_values(fields, where)
+        record.check_values(fields, where)
         for combo in combos:
             values = dict(zip(axes, combo))
             r = record.from_json({**base, **overrides, **fields, **values}, where)
@@ -210,19 +199,12 @@ def cell_metrics(out: Path, images: dict, r: Experiment, nets: Nets = Nets()) ->
     return rows
 
 
-def cell_metadata(r: Experiment, sd, dtype: str, software: str) -> dict[str, str]:
-    """What a cell's images carry: the whole record (a `p2p edit --recipe` of them re-runs it) and the model."""
-    # paths absolute: a recipe's relative paths are read from the recipe's folder, not from here
-    return {"experiment": json.dumps(record.anchored(r.to_json(), Path.cwd()), ensure_ascii=False), "software": software, "checkpoint": sd.name,
-            "checkpoint_fingerprint": sd.fingerprint, "prediction": sd.prediction, "dtype": dtype}
-
-
-def run_cell(sd, cell: Cell, weights: Path, out: Path, dtype: str, nets: Nets = Nets(), region: str = "blend",
+def run_cell(sd, cell: Cell, weights: Path, out: Path, nets: Nets = Nets(), region: str = "blend",
              threshold: float = 0.3) -> dict:
     """Sample one cell, save its images (and its edit regions), and measure them."""
-    plan = run.prepare(cell.record, weights, cache_dir=out / "inversions", store=region == "attention",
-                       prediction=sd.prediction)
-    result = run.run(sd, plan, dtype)
+    plan = run.prepare(cell.record, weights, run.Outputs(software="p2p sweep"), model=sd,
+                       cache_dir=out / "inversions", store=region == "attention")
+    result = run.run(sd, plan)
     blend = plan.edit.blend
     if region == "attention":
         masks = metrics.attention_masks(result, threshold)
@@ -232,7 +214,7 @@ def run_cell(sd, cell: Cell, weights: Path, out: Path, dtype: str, nets: Nets = 
                  for i in range(len(cell.record.targets))]
     else:
         masks = [None] * len(cell.record.targets)
-    meta = cell_metadata(cell.record, sd, dtype, "p2p sweep")
+    meta = result.metadata
     names = {"source": f"cells/{cell.key}.source.png",
              "targets": [f"cells/{cell.key}.target{i}.png" for i in range(len(cell.record.targets))], "regions": []}
     output.save_image(out / names["source"], result.images[0], meta)
@@ -258,15 +240,14 @@ def check_cells(every: list[Cell], weights: Path, out: Path, prediction: str | N
         if unseeded in checked:
             continue
         try:
-            run.prepare(cell.record, weights, cache_dir=out / "inversions", prediction=architecture.prediction)
-            run.check_model(architecture, cell.record)
+            run.prepare(cell.record, weights, model=architecture)   # (out/inversions is made later)
         except InputError as e:
             raise InputError(f"spec.cases[{cell.case_index}] ({cell.case}, cell {cell.index}): {e}") from None
         checked.add(unseeded)
 
 
 def sweep(spec: dict, weights: Path, out: Path, shard: tuple[int, int] = (0, 1), overrides: dict | None = None,
-          load_model=None, dtype: str = "float32", clip: Path | None = None, dino: Path | None = None,
+          load_model=None, clip: Path | None = None, dino: Path | None = None,
           prediction: str | None = None) -> list[Cell]:
     """Run this shard's unfinished cells (the model comes from `load_model()`, only if there are
     any; CLIP and DINO from their folders, skipped with a note where absent), then write the
@@ -288,7 +269,7 @@ def sweep(spec: dict, weights: Path, out: Path, shard: tuple[int, int] = (0, 1),
             nets = Nets(metrics.Clip.load(clip) if clip else None, metrics.Dino.load(dino) if dino else None)
             region, threshold = spec.get("region", "blend"), spec.get("region_threshold", 0.3)
             for cell in tqdm(todo, desc="cells", file=sys.stderr):
-                append(path, run_cell(sd, cell, weights, out, dtype, nets, region, threshold))
+                append(path, run_cell(sd, cell, weights, out, nets, region, threshold))
             print(f"wrote {path} (+{len(todo)} cells) and their images in {out / 'cells'}", file=sys.stderr)
     report(spec, every, out)
     return every
