@@ -19,7 +19,8 @@ from models.checkpoint import load, prediction_of
 from models.files import check_device, fingerprint
 from models.text import check_prompts, load_tokenizer
 
-from . import edits, inversion, sampler, viz
+from . import edits, sampler, viz
+from .blend import AttentionStore
 from .experiment import output, photo, record, run
 from .experiment.record import Experiment
 
@@ -267,8 +268,8 @@ def write_maps(sd, prompt: str, res: int, window: tuple[int, int], components: i
     run.check_sites(sd, h, w, items, True, "--sites")
     if items and not any(edits.picks(items, s) and edits.side(s) == res for s in sd.unet.sites(h // 8, w // 8)):
         raise InputError(f"--sites {','.join(record.site_text(p, q) for p, q in items)} picks no layer at --res {res}")
-    store = edits.AttentionStore(edits.Sites(places=None if items else ("down", "up"), resolutions=(res,),
-                                             items=items or None, self=components > 0, steps=window))
+    store = AttentionStore(items or (("down", "any"), ("up", "any")), res, self_attention=components > 0,
+                           steps=window)
     metadata = {"prompt": prompt, "res": str(res), "steps_range": f"{window[0]}:{window[1]}",
                 "sites": ",".join(record.site_text(p, q) for p, q in items),
                 "components": str(components), **run_metadata("maps", sd, dtype, **sampling)}
@@ -377,7 +378,7 @@ def invert(args):
     run.check_finite(f"the inversion (guidance {args.guidance})", inv.x_T, inv.z0, inv.null_embeddings,
                      inv.trajectory)
     photo.report(sd, inv, photo.reconstruct(sd, inv))
-    inversion.save(args.out, inv, {"dtype": args.dtype, "device": str(sd.device)})
+    photo.save(args.out, inv, {"dtype": args.dtype, "device": str(sd.device)})
     wrote(args.out)
 
 

@@ -19,8 +19,9 @@ from models.files import fingerprint
 from models.text import check_prompts, load_tokenizer
 
 from .. import edits, sampler, viz
+from ..blend import AttentionStore, LocalBlend, MaskBlend
 from . import photo
-from ..inversion import Inversion, open_image
+from .photo import Inversion, open_image
 from .record import Experiment, site_text
 
 
@@ -36,16 +37,16 @@ def build_edit(record: Experiment, tokenizer, store: bool = False) -> edits.Prom
         cross = edits.Reweight(tokenizer, prompts, record.reweight, prev=cross)
     blend = None
     if record.blend_mask:
-        blend = edits.MaskBlend(read_mask(Path(record.blend_mask)), start=int(record.blend_start * record.steps))
+        blend = MaskBlend(read_mask(Path(record.blend_mask)), start=int(record.blend_start * record.steps))
     elif record.blend:   # (record.check allows one of the two)
-        blend = edits.LocalBlend(tokenizer, prompts, [list(w) for w in record.blend], record.blend_threshold,
-                                 record.blend_res, subtract=[list(w) for w in record.blend_subtract] or None,
-                                 start=int(record.blend_start * record.steps))
+        blend = LocalBlend(tokenizer, prompts, [list(w) for w in record.blend], record.blend_threshold,
+                           record.blend_res, subtract=[list(w) for w in record.blend_subtract] or None,
+                           start=int(record.blend_start * record.steps))
     return edits.PromptToPrompt(tokenizer, prompts, record.steps, cross,
                                 {"default": record.cross_steps, **record.word_steps}, record.self_steps,
-                                record.self_max_tokens, blend, edits.AttentionStore() if store else None,
-                                cross_sites=edits.Sites(items=record.cross_sites or None),
-                                self_sites=edits.Sites(items=record.self_sites or None))
+                                record.self_max_tokens, blend, AttentionStore() if store else None,
+                                cross_sites=lambda s: edits.picks(record.cross_sites, s),
+                                self_sites=lambda s: edits.picks(record.self_sites, s))
 
 
 def read_mask(path: Path) -> torch.Tensor:
