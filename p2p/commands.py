@@ -15,7 +15,7 @@ from models import InputError
 from models.checkpoint import load
 from models.text import check_prompts, load_tokenizer
 
-from . import edits, inversion, sampler, viz
+from . import check_finite, edits, sampler, viz
 from .experiment import output, photo, record, run
 from .experiment.record import Experiment
 
@@ -253,10 +253,10 @@ def invert(args):
     image = photo.load(args.image, want)
     sd = run.load(args.weights, args.device, args.dtype, args.prediction)
     inv = photo.invert(sd, image, want)
-    run.check_finite(f"the inversion (guidance {values['guidance']})", inv.x_T, inv.z0, inv.null_embeddings,
+    check_finite(f"the inversion (guidance {values['guidance']})", inv.x_T, inv.z0, inv.null_embeddings,
                      inv.trajectory)
     photo.report(sd, inv, photo.reconstruct(sd, inv))
-    inversion.save(args.out, inv, {"dtype": args.dtype, "device": str(sd.device)})
+    photo.save(args.out, inv, {"dtype": args.dtype, "device": str(sd.device)})
     wrote(args.out)
 
 

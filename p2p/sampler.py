@@ -10,8 +10,6 @@ from tqdm import tqdm
 from models import InputError, ddim, plms
 from models.checkpoint import StableDiffusion
 
-from . import check_finite
-
 # A sampler is a module with schedule(steps) and sample(denoise, x, schedule, after_step).
 SAMPLERS = {"ddim": ddim, "plms": plms}
 
@@ -28,13 +26,23 @@ def initial_noise(seed: int, height: int, width: int) -> torch.Tensor:
     return torch.randn((1, 4, height // 8, width // 8), generator=torch.Generator("cpu").manual_seed(seed))
 
 
+# The classifier-free-guidance batch is [unconditional rows..., conditional rows...]: these two
+# are the only code that knows that order (the UNet's context, its output, the edits' maps).
+
 def guidance_batch(uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-    """The one place that fixes the CFG batch order: [unconditional rows..., conditional rows...]."""
+    """Join the halves into one CFG batch."""
     return torch.cat([uncond, cond])
 
 
+def guidance_halves(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split a CFG batch (or anything computed row by row from one) into (unconditional, conditional)."""
+    uncond, cond = batch.chunk(2)
+    return uncond, cond
+
+
 def check_size(height: int, width: int, steps: int, size_flag: str | None = None):
-    """`size_flag`: the one flag that gave both sides (`p2p invert --size`), for the message."""
+    """For the boundaries (the run's prepare, the commands) before `generate`, which trusts its input.
+    `size_flag`: the one flag that gave both sides (`p2p invert --size`), for the message."""
     if height % 8 or width % 8 or height < 8 or width < 8:
         if size_flag is not None:
             raise InputError(f"{size_flag} {height}: the size must be a positive multiple of 8")
@@ -58,15 +66,10 @@ def generate(sd: StableDiffusion, prompts: list[str], seed: int = 0, steps: int 
     |                   | after_step (direct inversion: the source row retraces the photo)          |
     | sampler           | "ddim", or "plms" (the official notebook's): N + 1 UNet calls, the edit's |
     |                   | step counts calls 0..N                                                    |
+
+    The input is checked where it enters (p2p/experiment/record.py, the run's prepare, check_size):
+    a sampler name, finite guidance, a size, and DDIM for an inverted photo.
     """
-    if sampler not in SAMPLERS:
-        raise InputError(f"unknown sampler {sampler!r}: choose from {', '.join(SAMPLERS)}")
-    if sampler != "ddim" and null_embeddings is not None:
-        raise InputError("null embeddings belong to a DDIM inversion; edit an inverted photo with sampler ddim")
-    if sampler != "ddim" and source_trajectory is not None:
-        raise InputError("direct inversion's trajectory belongs to DDIM; edit an inverted photo with sampler ddim")
-    check_size(height, width, steps)
-    check_finite("guidance", guidance)
     b = len(prompts)
     cond = sd.text.encode(prompts)                                   # [b, m, width]
     uncond = sd.text.encode([negative]) if null_embeddings is None else None
@@ -78,7 +81,8 @@ def generate(sd: StableDiffusion, prompts: list[str], seed: int = 0, steps: int 
             edit.step = i
         null = uncond if null_embeddings is None else null_embeddings[i][None].to(sd.device, cond.dtype)
         context = guidance_batch(null.expand(b, -1, -1), cond)      # [2b, m, width]
-        out_uncond, out_cond = sd.unet(torch.cat([x, x]).to(sd.dtype), t, context, edit=edit).float().chunk(2)
+        out = sd.unet(guidance_batch(x, x).to(sd.dtype), t, context, edit=edit)
+        out_uncond, out_cond = guidance_halves(out.float())
         # guidance on the model's output (eps, or v for SD 2 at 768), as the references do; then eps
         return ddim.to_eps(out_uncond + guidance * (out_cond - out_uncond), x, t, sd.prediction)
 

@@ -7,9 +7,7 @@ import torch
 from einops import rearrange
 from PIL import Image, ImageDraw, ImageFont
 
-from models import InputError
-
-from .edits import AttentionStore, side
+from .blend import AttentionStore
 
 CELL = 160   # pixels on the long side of a tile
 COMPONENTS_PER_ROW = 8  # so that `p2p maps --components 40` stays a readable width
@@ -129,12 +127,7 @@ def text_tile(text: str, size: tuple[int, int]) -> Image.Image:
 
 def token_maps(store: AttentionStore, res: int, places=("down", "up")) -> torch.Tensor:
     """Cross-attention maps at one resolution, averaged over steps, layers and heads: [b, h, w, 77]."""
-    names = [n for n, s in store.site_of.items() if s.is_cross and side(s) == res and s.place in places]
-    if not names:
-        have = sorted({side(s) for s in store.site_of.values() if s.is_cross}, reverse=True)
-        raise InputError(f"no cross-attention maps stored at resolution {res} (stored: {have})")
-    h = store.site_of[names[0]].res[0]
-    return torch.stack([rearrange(store.average(n), "b (h w) m -> b h w m", h=h) for n in names]).mean(0)
+    return store.maps(res, places)
 
 
 def fit(width: int, height: int) -> tuple[int, int]:
@@ -157,11 +150,9 @@ def heat(image: Image.Image, attention: np.ndarray) -> Image.Image:
 def self_components(store: AttentionStore, res: int, count: int, b: int = 0) -> list[Image.Image]:
     """Top principal components of prompt b's self-attention at one resolution (the official
     notebook's view): rows of the pixel-by-pixel map, centred, through an SVD; grey images."""
-    names = [n for n, s in store.site_of.items() if not s.is_cross and side(s) == res]
-    if not names:
-        raise InputError(f"no self-attention maps stored at resolution {res}")
-    h, w = store.site_of[names[0]].res
-    maps = torch.stack([store.average(n)[b] for n in names]).mean(0).double()    # [n, n]
+    maps = store.maps(res, ("down", "mid", "up"), cross=False)[b].double()    # [h, w, n]
+    h, w = maps.shape[:2]
+    maps = rearrange(maps, "h w n -> (h w) n")
     _, _, vh = torch.linalg.svd(maps - maps.mean(dim=1, keepdim=True))
     images = []
     for v in vh[:count]:

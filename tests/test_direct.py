@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from models import InputError
-from p2p import inversion, sampler
+from p2p import inversion
 from p2p.experiment import photo, run
 from p2p.cli import main
 from p2p.experiment.record import Experiment
@@ -84,7 +84,7 @@ def latents_of_cli_edit(tiny_file, picture, tmp_path, capsys, targets, *extra):
     err = capsys.readouterr().err
     assert code == 0, err
     (cache,) = tmp_path.glob("photo.*.inversion.safetensors")
-    return load_file(lat)["latents"], inversion.read(cache).z0
+    return load_file(lat)["latents"], photo.read(cache).z0
 
 
 @pytest.mark.parametrize("targets", [(BLUE,), (BLUE, "a red circle")])
@@ -108,13 +108,6 @@ def test_a_direct_inversion_holds_at_any_guidance(tiny_file, picture, tmp_path, 
     assert (latents[0] - z0[0]).abs().max() <= 1e-6 * z0.abs().max()
 
 
-def test_plms_refuses_a_direct_trajectory(tiny):
-    with pytest.raises(InputError) as e:
-        sampler.generate(tiny, [SQUARE], steps=3, height=64, width=64, source_trajectory=torch.zeros(3, 4, 8, 8),
-                         sampler="plms", progress=False)
-    assert "trajectory belongs to DDIM" in str(e.value) and "\n" not in str(e.value)
-
-
 def test_invert_direct_then_edit_from_the_file(tiny_file, picture, direct_file, tmp_path, capsys):
     tensors = load_file(direct_file)
     with safe_open(str(direct_file), "pt") as f:
@@ -133,9 +126,9 @@ def test_invert_direct_then_edit_from_the_file(tiny_file, picture, direct_file, 
 
 
 def test_the_direct_file_round_trips_and_is_checked(tiny_file, picture, direct_file, tmp_path, capsys):
-    inv = inversion.read(direct_file)
-    inversion.save(tmp_path / "again.safetensors", inv)
-    again = inversion.read(tmp_path / "again.safetensors")
+    inv = photo.read(direct_file)
+    photo.save(tmp_path / "again.safetensors", inv)
+    again = photo.read(tmp_path / "again.safetensors")
     assert again.settings == inv.settings and again.null_embeddings is None
     assert all(torch.equal(getattr(again, k), getattr(inv, k)) for k in ("x_T", "z0", "trajectory"))
     tensors = load_file(direct_file)
@@ -143,14 +136,15 @@ def test_the_direct_file_round_trips_and_is_checked(tiny_file, picture, direct_f
         meta = f.metadata()
     save_file({k: v for k, v in tensors.items() if k != "trajectory"}, tmp_path / "bare.safetensors", meta)
     with pytest.raises(InputError, match="is not a p2p inversion file .it lacks trajectory"):
-        inversion.read(tmp_path / "bare.safetensors")
+        photo.read(tmp_path / "bare.safetensors")
     save_file({**tensors, "trajectory": tensors["trajectory"][:2]}, tmp_path / "short.safetensors", meta)
     with pytest.raises(InputError, match="tensor shapes do not match its 64x64 px, 3-step metadata"):
-        inversion.read(tmp_path / "short.safetensors")
+        photo.read(tmp_path / "short.safetensors")
 
 
 def test_a_file_with_direct_offsets_from_an_older_p2p_is_refused(tiny_file, picture, direct_file, tmp_path, capsys):
-    """The offsets held only in a batch of one; the file's maker must invert again."""
+    """The offsets held only in a batch of one: such a file lacks the trajectory, and is refused as any
+    file that is not an inversion."""
     tensors = load_file(direct_file)
     with safe_open(str(direct_file), "pt") as f:
         meta = f.metadata()
@@ -161,5 +155,5 @@ def test_a_file_with_direct_offsets_from_an_older_p2p_is_refused(tiny_file, pict
                  "--width", "64", "--out", str(tmp_path / "e.png")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
-    assert "old.safetensors holds direct inversion offsets, which an older p2p made" in err and "invert again" in err
+    assert "old.safetensors is not a p2p inversion file (it lacks trajectory)" in err
     assert not (tmp_path / "e.png").exists()

@@ -6,6 +6,7 @@ from models import InputError
 from models.attention import Site
 from models.text import load_tokenizer
 from p2p import edits, sampler
+from p2p.blend import AttentionStore, LocalBlend
 
 TOK = load_tokenizer()
 CAT, DOG = "a cat riding a bicycle", "a dog riding a bicycle"
@@ -134,33 +135,37 @@ def test_a_target_equal_to_the_source_gets_its_output_bit_for_bit(n):
         assert all(torch.equal(out[h], out[h + j]) for h in (0, 3) for j in (1, 2)), s
 
 
-def test_site_filter_keeps_other_layers_fused():
-    edit = make_edit(sites=edits.Sites(places=("up",), resolutions=(4,)))
-    assert edit.wants(site(place="up", res=(4, 4)))
+def test_site_predicates_keep_other_layers_fused():
+    up4 = lambda s: edits.picks((("up", 4),), s)
+    edit = make_edit(cross_sites=up4, self_sites=up4)
+    assert edit.wants(site(place="up", res=(4, 4))) and edit.wants(site(cross=False, place="up", res=(4, 4)))
     assert not edit.wants(site(place="down", res=(4, 4)))
     assert not edit.wants(site(place="up", res=(8, 8)))
-    edit = make_edit(sites=edits.Sites(cross=False))
+    edit = make_edit(cross_sites=lambda s: False)
     assert not edit.wants(site(cross=True)) and edit.wants(site(cross=False))
-    edit = make_edit(sites=edits.Sites(steps=(2, 5)))
-    assert not edit.wants(site())
-    edit.step = 2
-    assert edit.wants(site())
+
+
+def test_store_keeps_its_layers_and_steps():
+    store = AttentionStore((("up", "any"),), res=4, steps=(2, 5))
+    assert not store.keeps(site(), 1) and store.keeps(site(), 2) and not store.keeps(site(), 5)
+    assert not store.keeps(site(place="down"), 2) and not store.keeps(site(res=(8, 8)), 2)
+    assert not store.keeps(site(cross=False), 2) and AttentionStore(self_attention=True).keeps(site(cross=False), 0)
 
 
 def test_store_averages_the_edited_maps_over_steps():
-    store = edits.AttentionStore()
+    store = AttentionStore()
     edit, p = make_edit(store=store), probs()
     out0 = edit(p, site(name="a"))
     edit.step = 9                                                  # outside the window: stored as is
     edit(p, site(name="a"))
     expected = (out0[2:].mean(1) + p[2:].mean(1)) / 2
-    assert torch.allclose(store.average("a"), expected)
+    assert torch.allclose(store.maps(4), expected.reshape(2, 4, 4, 77))
 
 
 def test_local_blend_by_hand():
     prompts = [CAT, DOG]
-    blend = edits.LocalBlend(TOK, prompts, [["cat"], ["dog"]], threshold=0.3, res=4)
-    store = edits.AttentionStore()
+    blend = LocalBlend(TOK, prompts, [["cat"], ["dog"]], threshold=0.3, res=4)
+    store = AttentionStore()
     maps = torch.zeros(2, 16, 77)
     maps[0, 0, 2] = 1.0                        # source "cat" attends pixel (0, 0)
     maps[1, 15, 2] = 1.0                       # target "dog" attends pixel (3, 3)
@@ -173,14 +178,14 @@ def test_local_blend_by_hand():
     mask[:2, :2] = 1                            # 3x3 max-pool around (0, 0)
     mask[2:, 2:] = 1                            # and around (3, 3): the union
     assert torch.equal(out[0], x[0]) and torch.equal(out[1], mask.expand(4, 4, 4))
-    assert torch.equal(edits.LocalBlend(TOK, prompts, [["cat"], ["dog"]], res=4, start=1)(x, store, 0), x)
+    assert torch.equal(LocalBlend(TOK, prompts, [["cat"], ["dog"]], res=4, start=1)(x, store, 0), x)
 
 
 def test_local_blend_checks_its_words():
     with pytest.raises(InputError, match="one word list per prompt"):
-        edits.LocalBlend(TOK, [CAT, DOG], [["cat"]])
+        LocalBlend(TOK, [CAT, DOG], [["cat"]])
     with pytest.raises(InputError, match="'dog' is not in the prompt"):
-        edits.LocalBlend(TOK, [CAT, DOG], [["dog"], ["dog"]])
+        LocalBlend(TOK, [CAT, DOG], [["dog"], ["dog"]])
 
 
 # ---- on the tiny model ------------------------------------------------------------------
@@ -209,17 +214,18 @@ def test_an_edit_limited_to_up_layers_leaves_down_and_mid_untouched(tiny):
             seen.setdefault(s.place, []).append(torch.equal(out, p))
             return out
 
-    edit = Spy(TOK, prompts, 2, edits.Reweight(TOK, prompts, {"dog": 5.0}), store=edits.AttentionStore(),
-               sites=edits.Sites(places=("up",)))
+    up = lambda s: s.place == "up"
+    edit = Spy(TOK, prompts, 2, edits.Reweight(TOK, prompts, {"dog": 5.0}), store=AttentionStore(),
+               cross_sites=up, self_sites=up)
     sampler.generate(tiny, prompts, steps=2, height=64, width=64, edit=edit, progress=False)
     assert all(seen["down"]) and all(seen["mid"]) and not all(seen["up"])
 
 
 def test_local_blend_subtract_words_cut_their_unpooled_mask_out():
     prompts = [CAT, DOG]
-    blend = edits.LocalBlend(TOK, prompts, [["cat"], ["dog"]], threshold=0.3, res=4,
-                             subtract=[["bicycle"], ["bicycle"]])
-    store = edits.AttentionStore()
+    blend = LocalBlend(TOK, prompts, [["cat"], ["dog"]], threshold=0.3, res=4,
+                       subtract=[["bicycle"], ["bicycle"]])
+    store = AttentionStore()
     maps = torch.zeros(2, 16, 77)
     maps[0, 0, 2] = maps[1, 15, 2] = 1.0       # cat at (0, 0), dog at (3, 3)
     maps[0, 0, 5] = 1.0                        # the source's "bicycle" at (0, 0) only, not pooled
@@ -239,7 +245,7 @@ def test_self_attention_components_find_a_planted_pattern():
     g = torch.Generator().manual_seed(0)
     weights = torch.rand(16, 1, generator=g) + 0.5
     maps = weights * pattern.flatten()[None] + 1e-4 * torch.rand(16, 16, generator=g)   # ~rank 1 after centring
-    store = edits.AttentionStore(edits.Sites())
+    store = AttentionStore(self_attention=True)
     store.add(maps[None, None], site(cross=False, res=(4, 4), name="up.self"), 0)
     import numpy as np
     first = torch.from_numpy(np.asarray(viz.self_components(store, 4, 1)[0].convert("L").resize((4, 4)),

@@ -12,6 +12,7 @@ import torch
 from models.checkpoint import load
 from models.text import load_tokenizer
 from p2p import edits
+from p2p.blend import LocalBlend
 from p2p.sampler import generate
 
 CAT, DOG, HORSE = "a cat riding a bicycle", "a dog riding a bicycle", "a horse riding a bicycle"
@@ -46,7 +47,7 @@ CASES = {
     "two_targets_uncond": dict(prompts=[CAT, DOG, HORSE], cross=lambda p: edits.Replace(TOK, p), edit_uncond=True,
                                self_max_tokens=4096),
     "blend": dict(prompts=[CAT, DOG], cross=lambda p: edits.Replace(TOK, p),
-                  blend=lambda p: edits.LocalBlend(TOK, p, [["cat"], ["dog"]], threshold=0.75)),
+                  blend=lambda p: LocalBlend(TOK, p, [["cat"], ["dog"]], threshold=0.75)),
     "plms": dict(prompts=[CAT, DOG], cross=lambda p: edits.Replace(TOK, p), sampler="plms", self_max_tokens=4096),
 }
 

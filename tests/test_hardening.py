@@ -17,8 +17,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from models import InputError, ddim
-from p2p import edits, inversion, sampler
+from p2p import inversion, sampler
 from p2p.cli import main
+from p2p.experiment import photo as photos
+from p2p.experiment import record
 
 from test_inversion import make_photo
 
@@ -205,7 +207,7 @@ def test_the_edit_cache_never_overwrites_an_inversion_and_keeps_one_per_setting(
     assert mine.read_bytes() == kept
     cached = sorted(p.name for p in tmp_path.glob("cat.*.inversion.safetensors"))
     assert len(cached) == 2, cached
-    prompts = {inversion.read(tmp_path / name).settings["prompt"] for name in cached}
+    prompts = {photos.read(tmp_path / name).settings["prompt"] for name in cached}
     assert prompts == {SQUARE, CIRCLE}
 
 
@@ -257,20 +259,16 @@ def test_non_finite_numbers_are_refused(flag, tiny_file, tmp_path, capsys):
                                "--blend", "cat", "dog", *flag, *FAST, "--out", tmp_path / "e.png"], flag[0])
 
 
-def test_non_finite_numbers_are_refused_in_python(tiny):
-    tok, prompts = tiny.text.tokenizer, [CAT, DOG]
-    with pytest.raises(InputError, match="guidance must be a finite number"):
-        sampler.generate(tiny, [CAT], steps=2, guidance=float("nan"), height=64, width=64, progress=False)
-    with pytest.raises(InputError, match="finite"):
-        edits.Reweight(tok, prompts, {"dog": float("inf")})
-    with pytest.raises(InputError, match="finite"):
-        edits.LocalBlend(tok, prompts, [["cat"], ["dog"]], threshold=float("nan"))
-    with pytest.raises(InputError, match="finite"):
-        edits.PromptToPrompt(tok, prompts, 10, edits.Replace(tok, prompts), cross_steps=float("nan"))
-    with pytest.raises(InputError, match="ends before|START <= END"):
-        edits.PromptToPrompt(tok, prompts, 10, edits.Replace(tok, prompts), self_steps=(0.6, 0.2))
-    with pytest.raises(InputError, match="guidance must be a finite number"):
-        inversion.invert(tiny, torch.zeros(1, 4, 8, 8), SQUARE, "ddim", 2, guidance=float("inf"))
+def test_non_finite_numbers_are_refused_in_python():
+    """Python callers enter where the CLI does, through the record (the edits and the sampler trust it)."""
+    base = {"source": CAT, "targets": [DOG], "mode": "replace", "blend": [["cat"], ["dog"]]}
+    for field, value, words in (("guidance", float("nan"), "record.guidance: must be a finite number"),
+                                ("reweight", {"dog": float("inf")}, "record.reweight: must be a finite number"),
+                                ("blend_threshold", float("nan"), "record.blend_threshold: must be a finite number"),
+                                ("cross_steps", float("nan"), "record.cross_steps: must be a finite number"),
+                                ("self_steps", [0.6, 0.2], "record.self_steps: step window 0.6:0.2 ends before")):
+        with pytest.raises(InputError, match=words):
+            record.from_json({**base, field: value})
 
 
 # ---- 10: file types --------------------------------------------------------------------------

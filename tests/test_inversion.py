@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from models import InputError, ddim
 from p2p import edits, inversion, sampler
 from p2p.cli import main
+from p2p.experiment import photo as photos
 from p2p.experiment.run import read_mask
 
 SQUARE = "a red square"
@@ -62,13 +63,13 @@ def test_non_rgb_images_are_converted(mode, tmp_path):
     else:
         image = rgb.convert(mode)
     image.save(tmp_path / "x.png")
-    x = inversion.load_image(tmp_path / "x.png", 64)
+    x = photos.load_image(tmp_path / "x.png", 64)
     assert x.shape == (1, 3, 64, 64) and x.dtype == torch.float32 and -1 <= x.min() and x.max() <= 1
     if mode in ("L", "I;16"):
         assert torch.equal(x[:, 0], x[:, 1]) and x.std() > 0.1        # grey, not clipped to white
     if mode == "I;16":    # the same grey levels as the 8-bit image it was made from
         rgb.convert("L").save(tmp_path / "grey8.png")
-        assert torch.allclose(x, inversion.load_image(tmp_path / "grey8.png", 64), atol=1e-6)
+        assert torch.allclose(x, photos.load_image(tmp_path / "grey8.png", 64), atol=1e-6)
 
 
 def test_offsets_then_centre_square_crop_exactly(tmp_path):
@@ -77,23 +78,23 @@ def test_offsets_then_centre_square_crop_exactly(tmp_path):
     Image.fromarray(np.stack([x, y, np.zeros_like(x)], -1).astype(np.uint8)).save(tmp_path / "xy.png")
     # offsets L,R,T,B = 10,6,4,2 leave columns 10..93 and rows 4..77 (84x74): the square is
     # 74 px, centred horizontally from column 10 + (84 - 74) // 2 = 15; at size 74 no resampling
-    got = inversion.load_image(tmp_path / "xy.png", 74, (10, 6, 4, 2))
+    got = photos.load_image(tmp_path / "xy.png", 74, (10, 6, 4, 2))
     pixels = ((got[0] + 1) * 127.5).round().to(torch.int64)
     assert torch.equal(pixels[0], torch.arange(15, 89).expand(74, 74))
     assert torch.equal(pixels[1], torch.arange(4, 78)[:, None].expand(74, 74))
     with pytest.raises(InputError, match="offsets 60,40,0,0 do not fit the 100x80 image"):
-        inversion.load_image(tmp_path / "xy.png", 64, (60, 40, 0, 0))
+        photos.load_image(tmp_path / "xy.png", 64, (60, 40, 0, 0))
 
 
 def test_unreadable_missing_and_tiny_images_are_refused(tmp_path):
     (tmp_path / "notes.png").write_text("not an image")
     with pytest.raises(InputError, match="cannot read .*notes.png as an image"):
-        inversion.load_image(tmp_path / "notes.png", 64)
+        photos.load_image(tmp_path / "notes.png", 64)
     with pytest.raises(InputError, match="does not exist"):
-        inversion.load_image(tmp_path / "nothing.jpg", 64)
+        photos.load_image(tmp_path / "nothing.jpg", 64)
     make_photo(tmp_path / "small.png", width=50, height=70)
     with pytest.raises(InputError, match="too small: 50x70 pixels"):
-        inversion.load_image(tmp_path / "small.png", 64)
+        photos.load_image(tmp_path / "small.png", 64)
 
 
 # ---- the inversions ---------------------------------------------------------------------
@@ -112,7 +113,7 @@ def test_null_text_reconstructs_better_than_ddim_inversion(tiny, photo):
     negative-prompt 5.35 (0.35x; reported, not asserted), null-text 2.5 (0.17x; 0.22x with one
     thread: a random model amplifies rounding differences between thread counts)."""
     steps, size = 10, 64
-    z0 = inversion.encode(tiny, inversion.load_image(photo, size))
+    z0 = inversion.encode(tiny, photos.load_image(photo, size))
     cond, null = tiny.text.encode([SQUARE]), tiny.text.encode([""])
     trajectory = inversion.ddim_inversion(tiny, z0, cond, steps, progress=False)
     assert len(trajectory) == steps + 1 and torch.equal(trajectory[0], z0)
@@ -144,7 +145,7 @@ def test_identity_edit_reproduces_the_reconstruction(tiny, inverted):
     1: 5.6e-5, 0; 2: 5.2e-5, 4.1e-5; 3: 6.1e-5, 5.4e-5; 4: 8.4e-5, 3.9e-5 (up to 1.05x the floor on
     another inversion). The factor 4 leaves room for the 3 steps' amplification; a real edit of one
     word moves the target row 1e-2 or more."""
-    inv, tok = inversion.read(inverted), tiny.text.tokenizer
+    inv, tok = photos.read(inverted), tiny.text.tokenizer
     start = dict(steps=3, height=64, width=64, x_T=inv.x_T, null_embeddings=inv.null_embeddings, progress=False)
 
     def edit_to(target):
@@ -183,9 +184,9 @@ def test_invert_writes_the_inversion_and_prints_the_reconstruction(tiny_file, ph
         assert meta["prompt"] == SQUARE and meta["method"] == method and meta["steps"] == "3"
         assert meta["guidance"] == "7.5" and meta["size"] == "64x64" and meta["checkpoint"] == "tiny.safetensors"
         assert meta["offsets"] == "4,0,0,2" and meta["image"] == "photo.png"
-        inv = inversion.read(out)
+        inv = photos.read(out)
         assert torch.equal(inv.x_T, tensors["x_T"]) and inv.settings["method"] == method
-    negative = inversion.read(tmp_path / "negative-prompt.safetensors").null_embeddings
+    negative = photos.read(tmp_path / "negative-prompt.safetensors").null_embeddings
     assert torch.equal(negative[0], negative[-1])         # the prompt's embedding at every step
 
 

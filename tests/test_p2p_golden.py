@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 from models.text import load_tokenizer
 from p2p import edits
+from p2p.blend import LocalBlend
 from p2p.sampler import generate
 
 from conftest import GOLDEN
@@ -55,8 +56,8 @@ def build_edit(tok, case: dict) -> edits.PromptToPrompt:
         cross = edits.Reweight(tok, prompts, case["scales"], prev=cross)
     blend = None
     if case["blend"]:
-        blend = edits.LocalBlend(tok, prompts, case["blend"], threshold=case["threshold"],
-                                 res=META["settings"]["blend_res"])
+        blend = LocalBlend(tok, prompts, case["blend"], threshold=case["threshold"],
+                           res=META["settings"]["blend_res"])
     pair = lambda w: tuple(w) if isinstance(w, list) else w        # JSON made the (start, end) pairs lists
     windows = case["cross_steps"]
     windows = {w: pair(b) for w, b in windows.items()} if isinstance(windows, dict) else pair(windows)

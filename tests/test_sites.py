@@ -7,6 +7,7 @@ from models import files
 from models.attention import Site
 from models.checkpoint import load
 from p2p import edits
+from p2p.blend import MaskBlend
 from p2p.cli import main
 from p2p.experiment.record import sites
 
@@ -88,8 +89,8 @@ def test_cross_and_self_sites_choose_where_the_edit_acts(tiny_file, tmp_path, ca
 def test_prompt_to_prompt_edits_only_the_chosen_sites():
     tok = __import__("models.text", fromlist=["load_tokenizer"]).load_tokenizer()
     p2p = edits.PromptToPrompt(tok, [CAT, DOG], 10, cross=edits.Replace(tok, [CAT, DOG]), self_steps=1.0,
-                               cross_sites=edits.Sites(items=(("up", 16),)),
-                               self_sites=edits.Sites(items=(("down", 8), ("mid", "any"))))
+                               cross_sites=lambda s: edits.picks((("up", 16),), s),
+                               self_sites=lambda s: edits.picks((("down", 8), ("mid", "any")), s))
     site = lambda place, res, cross: Site("x", place, 0, cross, 8, (res, res))
     assert p2p.edits(site("up", 16, True)) and not p2p.edits(site("down", 16, True))
     assert p2p.edits(site("down", 8, False)) and p2p.edits(site("mid", 2, False))
@@ -125,10 +126,10 @@ def test_mask_blend_keeps_the_source_outside_the_drawn_region():
     region = torch.zeros(64, 64, dtype=torch.bool)
     region[:, :32] = True                                       # the left half, at image size
     x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    out = edits.MaskBlend(region)(x, None, 0)
+    out = MaskBlend(region)(x, None, 0)
     assert torch.equal(out[:, :, :, 4:], x[:1, :, :, 4:].expand(3, -1, -1, -1))   # right: the source
     assert torch.allclose(out[:, :, :, :4], x[:, :, :, :4], atol=1e-6)              # left: each its own
-    assert torch.equal(edits.MaskBlend(region, start=2)(x, None, 1), x)
+    assert torch.equal(MaskBlend(region, start=2)(x, None, 1), x)
 
 
 def test_blend_mask_on_the_command_line(tiny_file, tmp_path, capsys):

@@ -8,7 +8,7 @@ from PIL import Image
 from models.attention import Site
 from models.text import load_tokenizer
 from p2p import viz
-from p2p.edits import AttentionStore
+from p2p.blend import AttentionStore
 from p2p.viz import GAP, labelled_row
 
 H, W = 2, 3  # a landscape feature map: short side 2, the `res` that picks it

@@ -27,7 +27,7 @@ from PIL import Image
 from models import InputError
 from models.text import TOKENIZER_DIR, load_tokenizer
 
-from .. import align, edits
+from .. import align
 
 WINDOW, SIGMA = 11, 1.5          # Wang et al. (2004)
 K1, K2 = 0.01, 0.03
@@ -120,19 +120,19 @@ def attention_masks(result, threshold: float) -> list[torch.Tensor | None]:
     cross-attention as a region at image size: the blend_res maps of the down and up blocks,
     averaged over steps, layers and heads, divided by their max, above `threshold`."""
     r, store, tokenizer = result.record, result.edit.store, load_tokenizer()
-    layers = [name for name, site in store.site_of.items()
-              if site.is_cross and site.place != "mid" and edits.side(site) == r.blend_res]
+    try:
+        maps = store.maps(r.blend_res)                              # [b, h, w, 77]
+    except InputError:   # no down/up cross-attention at blend_res at this size: no region to read
+        return [None] * len(r.targets)
     size = result.images[0].size[::-1]
     masks = []
     for k, target in enumerate(r.targets, start=1):
         words = edited_words(r, target)
-        if not words or not layers:
+        if not words:
             masks.append(None)
             continue
         columns = [i for w in words for i in align.token_indices(tokenizer, target, w)]
-        maps = torch.stack([store.average(name)[k][:, columns].sum(-1).reshape(store.site_of[name].res)
-                            for name in layers]).mean(0)
-        masks.append(attention_region(maps, size, threshold))
+        masks.append(attention_region(maps[k][..., columns].sum(-1), size, threshold))
     return masks
 
 

@@ -27,9 +27,10 @@ from models.checkpoint import load as load_checkpoint
 from models.files import check_device
 from models.text import check_prompts, load_tokenizer
 
-from .. import edits, sampler, viz
-from ..inversion import Inversion, open_image
+from .. import check_finite, edits, sampler, viz
+from ..blend import AttentionStore, LocalBlend, MaskBlend
 from . import output, photo
+from .photo import Inversion, open_image
 from .record import NATIVE, Experiment, anchored, site_text
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -122,16 +123,16 @@ def build_edit(record: Experiment, tokenizer, store: bool = False) -> edits.Prom
         cross = edits.Reweight(tokenizer, prompts, record.reweight, prev=cross)
     blend = None
     if record.blend_mask:
-        blend = edits.MaskBlend(read_mask(Path(record.blend_mask)), start=int(record.blend_start * record.steps))
+        blend = MaskBlend(read_mask(Path(record.blend_mask)), start=int(record.blend_start * record.steps))
     elif record.blend:   # (record.check allows one of the two)
-        blend = edits.LocalBlend(tokenizer, prompts, [list(w) for w in record.blend], record.blend_threshold,
-                                 record.blend_res, subtract=[list(w) for w in record.blend_subtract] or None,
-                                 start=int(record.blend_start * record.steps))
+        blend = LocalBlend(tokenizer, prompts, [list(w) for w in record.blend], record.blend_threshold,
+                           record.blend_res, subtract=[list(w) for w in record.blend_subtract] or None,
+                           start=int(record.blend_start * record.steps))
     return edits.PromptToPrompt(tokenizer, prompts, record.steps, cross,
                                 {"default": record.cross_steps, **record.word_steps}, record.self_steps,
-                                record.self_max_tokens, blend, edits.AttentionStore() if store else None,
-                                cross_sites=edits.Sites(items=record.cross_sites or None),
-                                self_sites=edits.Sites(items=record.self_sites or None))
+                                record.self_max_tokens, blend, AttentionStore() if store else None,
+                                cross_sites=lambda s: edits.picks(record.cross_sites, s),
+                                self_sites=lambda s: edits.picks(record.self_sites, s))
 
 
 def read_mask(path: Path) -> torch.Tensor:
@@ -221,14 +222,6 @@ def prepare(record: Experiment, weights: Path, outputs: Outputs = Outputs(), *, 
 
 # ---- the model: run and write ---------------------------------------------------------------
 
-def check_finite(what: str, *tensors):
-    """Refuse results holding nan or inf before anything is written: they would be a black image
-    and a latents file of nan, with nothing said."""
-    if not all(torch.isfinite(t).all() for t in tensors if t is not None):
-        raise InputError(f"{what} came out nan or inf, so nothing was written (a guidance too large, or weights "
-                         "holding nan or inf)")
-
-
 @dataclass
 class Result:
     record: Experiment
@@ -306,8 +299,8 @@ def attention_maps(sd: StableDiffusion, prompt: str, res: int, window: tuple[int
     check_sites(sd, h, w, items, True, "--sites")
     if items and not any(edits.picks(items, s) and edits.side(s) == res for s in sd.unet.sites(h // 8, w // 8)):
         raise InputError(f"--sites {','.join(site_text(p, q) for p, q in items)} picks no layer at --res {res}")
-    store = edits.AttentionStore(edits.Sites(places=None if items else ("down", "up"), resolutions=(res,),
-                                             items=items or None, self=components > 0, steps=window))
+    store = AttentionStore(items or (("down", "any"), ("up", "any")), res, self_attention=components > 0,
+                           steps=window)
     latents = sampler.generate(sd, [prompt], edit=store, **sampling)
     decoded = sampler.decode(sd, latents)
     check_finite(f"the sampled latents and image (guidance {sampling['guidance']})", latents, decoded)
