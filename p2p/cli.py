@@ -81,13 +81,40 @@ def numbers(low: int, high: int):
     return check
 
 
+def window_text(value) -> str:
+    return f"{value[0]}:{value[1]}" if isinstance(value, tuple) else str(value)
+
+
+def command_line(r: record.Experiment) -> list[str]:
+    """The `p2p edit` flags that give this record (defaults left out), for showing how a result
+    was made; parsing them gives the record back."""
+    defaults, out = record.Experiment(r.source, r.targets, r.mode), []
+    for name in record.FIELDS:
+        value = getattr(r, name)
+        if name in record.REQUIRED or value != getattr(defaults, name) and value is not None:
+            flag = record.name(name, None)
+            if name == "targets":
+                out += [a for t in value for a in (flag, t)]
+            elif name in ("word_steps", "reweight"):
+                out += [flag, *(f"{w}={window_text(v)}" for w, v in value.items())]
+            elif name in ("blend", "blend_subtract"):
+                out += [flag, *(",".join(words) for words in value)]
+            elif name == "offsets":
+                out += [flag, ",".join(map(str, value))]
+            elif name.endswith("_sites"):
+                out += [flag, ",".join(record.site_text(p, s) for p, s in value)]
+            else:
+                out += [flag, window_text(value) if name.endswith("_steps") else str(value)]
+    return out
+
+
 def add_fields(p: argparse.ArgumentParser, fields):
     """Flags for record fields, made from the record (p2p/experiment/record.py): its help and
     default; the value stays as given (None when not given), for the record to check."""
     for name in fields:
         f = record.FIELDS[name]
         meta, default = f.metadata, f.default
-        shown = record.window_text(default) if not isinstance(default, tuple) else ",".join(map(str, default))
+        shown = window_text(default) if not isinstance(default, tuple) else ",".join(map(str, default))
         help = meta["help"] + (f" (default {shown})" if default not in (None, (), dataclasses.MISSING) else "")
         kwargs = {"dest": name, "help": help, "metavar": meta.get("metavar")}
         if meta.get("repeat"):

@@ -114,8 +114,9 @@ def record_of(args) -> Experiment:
 
 def edit(args):
     """`p2p edit`: the flags as a record, then the road: prepare, load, run, write."""
+    r = record_of(args)
     outputs = run.Outputs(args.out, args.latents_out, args.maps_out, args.maps_res)
-    plan = run.prepare(record_of(args), args.weights, outputs, prediction=args.prediction,
+    plan = run.prepare(r, args.weights, outputs, prediction=args.prediction,
                        cache_dir=args.out.parent, recipe=args.recipe)
     sd = run.load(args.weights, args.device, args.dtype, args.prediction)
     for path in run.write(run.run(sd, plan), plan.outputs):

@@ -13,7 +13,7 @@ Each edit entry takes the road of `p2p edit` (p2p/experiment/run.py: prepare, ru
 and its token maps OUT/NAME-maps.png); a "maps" entry run.attention_maps (OUT/NAME.png);
 "baseline" entries also render the prompts without the edit (run.generation), as the notebook's
 run_baseline=True does (OUT/NAME-baseline.png). Sizes an entry leaves out are the model's native ones. OUT/index.html shows every image beside the
-`p2p` command that makes it (record.command_line). Every entry is checked before the model
+`p2p` command that makes it (cli.command_line). Every entry is checked before the model
 loads, once. Photo entries need their photo in
 --photos (the null-text notebook's gnochi_mirror.jpeg is in google/prompt-to-prompt's
 example_images/); without it they are listed as skipped.
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 from models import DTYPES, InputError  # noqa: E402
 from models.checkpoint import load as load_architecture  # noqa: E402
-from p2p import sampler, viz  # noqa: E402
+from p2p import cli, sampler, viz  # noqa: E402
 from p2p.experiment import output, record, run  # noqa: E402
 
 MANIFESTS = {"paper": Path(__file__).with_name("paper_examples.json"),
@@ -84,7 +84,7 @@ def plan(entry: dict, where: str, out: Path, photos: Path | None, shown_model: l
     outputs = run.Outputs(image=out / f"{name}.png", maps=out / f"{name}-maps.png")
     edit = run.prepare(record_of(entry, photos, where), weights, outputs, model=model, cache_dir=out)
     r = edit.record
-    runs = [(f"{name}.png", "edit", edit, ["edit", *shown_model, *record.command_line(r), "--out", str(outputs.image),
+    runs = [(f"{name}.png", "edit", edit, ["edit", *shown_model, *cli.command_line(r), "--out", str(outputs.image),
                                            "--maps-out", str(outputs.maps)])]
     if entry.get("baseline"):   # the notebook's run_baseline=True: the same prompts and noise, no edit
         values = sampling(r.to_json(), model)

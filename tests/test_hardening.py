@@ -263,7 +263,7 @@ def test_non_finite_numbers_are_refused_in_python():
     """Python callers enter where the CLI does, through the record (the edits and the sampler trust it)."""
     base = {"source": CAT, "targets": [DOG], "mode": "replace", "blend": [["cat"], ["dog"]]}
     for field, value, words in (("guidance", float("nan"), "record.guidance: must be a finite number"),
-                                ("reweight", {"dog": float("inf")}, "record.reweight: must be a finite number"),
+                                ("reweight", {"dog": float("inf")}, "record.reweight: dog=inf: must be a finite number"),
                                 ("blend_threshold", float("nan"), "record.blend_threshold: must be a finite number"),
                                 ("cross_steps", float("nan"), "record.cross_steps: must be a finite number"),
                                 ("self_steps", [0.6, 0.2], "record.self_steps: step window 0.6:0.2 ends before")):

@@ -269,7 +269,7 @@ def test_bad_invert_input_is_one_line(tiny_file, photo, tmp_path, capsys):
     for argv, words in [(["--image", tmp_path / "missing.png"], "does not exist"),
                         (["--image", tmp_path / "notes.txt"], "cannot read"),
                         (["--image", photo, "--size", "32"], "--size 32: photos are edited at 64 px or more"),
-                        (["--image", photo, "--size", "63"], "--size 63: the size must be a positive multiple of 8"),
+                        (["--image", photo, "--size", "63"], "--size 63: must be a positive multiple of 8, got 63"),
                         (["--image", photo, "--steps", "200"], "at most 100 steps"),
                         (["--image", photo, "--inner-steps", "0"], "--inner-steps: must be at least 1"),
                         (["--image", photo, "--offsets", "90,10,0,0"], "do not fit the 96x80 image")]:

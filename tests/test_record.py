@@ -74,10 +74,10 @@ def test_command_line_gives_the_record_back():
                           "height": 64, "width": 192, "image": "my photo.png", "inversion": "inv.safetensors",
                           "method": "ddim", "inner_steps": 3, "offsets": [0, 1, 2, 3],
                           "cross_sites": "up:16,down:any", "self_sites": [["mid", 4]]})
-    argv = ["edit", "--weights", "w", *record.command_line(r), "--out", "o.png"]
+    argv = ["edit", "--weights", "w", *cli.command_line(r), "--out", "o.png"]
     assert commands.record_of(cli.parse(argv)) == r
     plain = Experiment(CAT, (DOG,), "refine")
-    assert record.command_line(plain) == ["--source", CAT, "--target", DOG, "--mode", "refine"]
+    assert cli.command_line(plain) == ["--source", CAT, "--target", DOG, "--mode", "refine"]
 
 
 def test_recipe_reruns_a_result_exactly_and_flags_change_single_fields(tiny_file, tmp_path, capsys):

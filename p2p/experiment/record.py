@@ -211,6 +211,7 @@ def sites(value) -> tuple[tuple[str, int | str], ...]:
 def site_text(place: str, side) -> str:
     return f"{place}{side}" if isinstance(side, str) and side.startswith("@") else f"{place}:{side}"
 
+
 # ---- the record ---------------------------------------------------------------------------
 
 def meta(check, help: str, **flag) -> dict:
@@ -227,23 +228,27 @@ def steps_window(help: str):
 @dataclass(frozen=True)
 class Experiment:
     """One Prompt-to-Prompt run; each field's help is its flag's (`p2p edit --help`)."""
-    source: str = field(metadata=meta(text, "the source prompt (required without --recipe)"))
-    targets: tuple[str, ...] = field(metadata=meta(texts, "a target prompt; repeat for several", repeat=True))
+    source: str = field(metadata=meta(text, "the source prompt (required without --recipe)", metavar="TEXT"))
+    targets: tuple[str, ...] = field(metadata=meta(texts, "a target prompt; repeat for several", repeat=True,
+                                                               metavar="TEXT"))
     mode: str = field(metadata=meta(choice(MODES), "replace: swap words (same word count); refine: add words; "
                                     "reweight: scale words", metavar="{" + ",".join(MODES) + "}"))
     cross_steps: Window = field(default=0.8, metadata=steps_window("steps with cross-attention replacement"))
     word_steps: dict = field(default_factory=dict, metadata=meta(
-        lambda v: mapping(v, window), "a cross-attention window for one word of the targets", metavar="WORD=F", many=True))
+        lambda v: mapping(v, window), "a cross-attention window for one word of the targets", metavar="WORD=F",
+        many=True))
     self_steps: Window = field(default=0.4, metadata=steps_window("steps with self-attention injection"))
     self_max_tokens: int | None = field(default=None, metadata=meta(
         optional(lambda v: integer(v, 0)), "inject self-attention only in layers with at most this many keys "
-        "(default: 256 = 16x16 for a model native to 512 px; (H/32)x(W/32) for one native to another size)"))
+        "(default: 256 = 16x16 for a model native to 512 px; (H/32)x(W/32) for one native to another size)",
+        metavar="N"))
     blend: tuple[tuple[str, ...], ...] = field(default=(), metadata=meta(
         word_lists, "local blend: one comma-separated word list per prompt, source first", metavar="WORDS", many=True))
-    blend_threshold: float = field(default=0.3, metadata=meta(unit, "local blend mask threshold"))
+    blend_threshold: float = field(default=0.3, metadata=meta(unit, "local blend mask threshold", metavar="T"))
     blend_res: int | None = field(default=None, metadata=meta(
         optional(lambda v: integer(v, 1)), "resolution of the cross-attention maps local blend reads (default: "
-        "16, the paper's at 512 px, for a model native to 512 px; the short side / 32 for one native to another size)"))
+        "16, the paper's at 512 px, for a model native to 512 px; the short side / 32 for one native to another size)",
+        metavar="R"))
     blend_start: float = field(default=0.0, metadata=meta(
         fraction, "blend only from update int(F * steps) on (0: every update; the null-text notebook uses 0.2)",
         metavar="F"))
@@ -259,34 +264,34 @@ class Experiment:
         metavar="WORD=SCALE", many=True))
     replace_mapper: str = field(default="aligned", metadata=meta(
         choice(MAPPERS), "replace: aligned keeps the tokens after a swapped word aligned; official is the authors' "
-        "mapper, which shifts them when the swapped words' token counts differ (on our word split: for a '#' inside "
-        "a word, a combining accent or two spaces in a row theirs splits words differently, so it then differs from "
-        "their exact mapper)", metavar="{" + ",".join(MAPPERS) + "}"))
+        "mapper, which shifts them when the swapped words' token counts differ (the README says more)",
+        metavar="{" + ",".join(MAPPERS) + "}"))
     sampler: str = field(default="ddim", metadata=meta(
         choice(SAMPLERS), "ddim, or plms: the official SD notebook's scheduler (PNDM without Runge-Kutta steps), "
         "N + 1 UNet calls for N steps", metavar="{" + ",".join(SAMPLERS) + "}"))
     seed: int = field(default=0, metadata=meta(lambda v: integer(v, 0, MAX_SEED),
-                                               "seed of the shared initial noise, 0 to 2**64-1"))
-    steps: int = field(default=50, metadata=meta(lambda v: integer(v, 1, MAX_STEPS), "sampling steps, 1 to 1000"))
-    guidance: float = field(default=7.5, metadata=meta(number, "classifier-free guidance scale"))
+                                               "seed of the shared initial noise, 0 to 2**64-1", metavar="N"))
+    steps: int = field(default=50, metadata=meta(lambda v: integer(v, 1, MAX_STEPS), "sampling steps, 1 to 1000",
+                                               metavar="N"))
+    guidance: float = field(default=7.5, metadata=meta(number, "classifier-free guidance scale", metavar="G"))
     height: int | None = field(default=None, metadata=meta(
         optional(side), "image height, a multiple of 8 (default: the model's native size, 512, or 768 for SD 2 at "
-        "768 px)"))
+        "768 px)", metavar="N"))
     width: int | None = field(default=None, metadata=meta(
-        optional(side), "image width, a multiple of 8 (default: the model's native size)"))
+        optional(side), "image width, a multiple of 8 (default: the model's native size)", metavar="N"))
     image: str | None = field(default=None, metadata=meta(
         optional(path), "edit this photo (--source describes it) instead of sampling from --seed; square, "
-        "--height = --width"))
+        "--height = --width", metavar="PHOTO"))
     inversion: str | None = field(default=None, metadata=meta(
         optional(path), "the photo's inversion from `p2p invert`, which fixes the method, inner steps and offsets "
         "(default: invert first, keeping the result as OUT_DIR/PHOTO.KEY.inversion.safetensors, KEY a hash of the "
-        "settings, for the next edit)"))
+        "settings, for the next edit)", metavar="FILE"))
     method: str = field(default="null-text", metadata=meta(
         choice(METHODS), "inversion: null-text (optimised, slow), negative-prompt (no optimisation), plain ddim, or "
         "direct (DDIM inversion whose trajectory the edit's source row follows back to the photo)",
         metavar="{" + ",".join(METHODS) + "}"))
     inner_steps: int = field(default=10, metadata=meta(lambda v: integer(v, 1),
-                                                       "null-text: Adam steps per DDIM step at most"))
+                                                       "null-text: Adam steps per DDIM step at most", metavar="N"))
     offsets: tuple[int, int, int, int] = field(default=(0, 0, 0, 0), metadata=meta(
         offsets, "pixels to crop off the photo's left, right, top and bottom before the centre square",
         metavar="L,R,T,B"))
@@ -379,30 +384,3 @@ def check(record: Experiment, where: str | None = "record"):
     if record.image is not None and record.sampler != "ddim":
         raise InputError(f"{n('sampler')} {record.sampler} cannot edit a photo: its inversion walks DDIM's "
                          f"steps backwards, so the edit must sample them forwards with {n('sampler')} ddim")
-
-
-def command_line(record: Experiment) -> list[str]:
-    """The `p2p edit` flags that give this record (defaults left out), for showing how a result
-    was made; parsing them gives the record back."""
-    defaults, out = Experiment(record.source, record.targets, record.mode), []
-    for field_name in FIELDS:
-        value = getattr(record, field_name)
-        if field_name in REQUIRED or value != getattr(defaults, field_name) and value is not None:
-            flag = name(field_name, None)
-            if field_name == "targets":
-                out += [a for t in value for a in (flag, t)]
-            elif field_name in ("word_steps", "reweight"):
-                out += [flag, *(f"{w}={window_text(v)}" for w, v in value.items())]
-            elif field_name in ("blend", "blend_subtract"):
-                out += [flag, *(",".join(words) for words in value)]
-            elif field_name == "offsets":
-                out += [flag, ",".join(map(str, value))]
-            elif field_name.endswith("_sites"):
-                out += [flag, ",".join(site_text(p, s) for p, s in value)]
-            else:
-                out += [flag, window_text(value) if field_name.endswith("_steps") else str(value)]
-    return out
-
-
-def window_text(value) -> str:
-    return f"{value[0]}:{value[1]}" if isinstance(value, tuple) else str(value)

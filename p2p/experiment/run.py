@@ -194,7 +194,8 @@ def prepare(record: Experiment, weights: Path, outputs: Outputs = Outputs(), *, 
     model = model or load_checkpoint(weights, "meta", prediction=prediction)
     native = defaults(model, record.height, record.width)
     record = dataclasses.replace(record, **{k: native[k] for k in NATIVE if getattr(record, k) is None})
-    outputs = dataclasses.replace(outputs, maps_res=outputs.maps_res or native["blend_res"])
+    paths = {k: Path(v) for k in ("image", "latents", "maps", "tiles") if (v := getattr(outputs, k)) is not None}
+    outputs = dataclasses.replace(outputs, **paths, maps_res=outputs.maps_res or native["blend_res"])
     tokenizer = load_tokenizer()
     check_prompts(tokenizer, record.prompts)
     edit = build_edit(record, tokenizer, store or outputs.maps is not None)
@@ -208,15 +209,15 @@ def prepare(record: Experiment, weights: Path, outputs: Outputs = Outputs(), *, 
                           "--maps-out": (outputs.maps, "image"), "the inversion cache": (new_cache, "tensors")},
                          {"--weights": Path(weights), "--image": path(record.image), "--recipe": recipe,
                           "--inversion": path(record.inversion), "--blend-mask": path(record.blend_mask)})
-    check_model(model, record)
-    if outputs.maps is not None:
-        check_resolution(model, record.height, record.width, outputs.maps_res, "--maps-res")
     meta = metadata(record, model, outputs.software)   # as run() will write it, less the device's name
     labels = ["photo", *record.prompts] if shot is not None else record.prompts
     if outputs.image is not None:
         output.check_image(outputs.image, viz.row_size([(record.width, record.height)] * len(labels), labels), meta)
     if outputs.maps is not None:   # (its size is known only once drawn)
         output.check_image(outputs.maps, None, meta | {"maps_res": str(outputs.maps_res)})
+    check_model(model, record)
+    if outputs.maps is not None:
+        check_resolution(model, record.height, record.width, outputs.maps_res, "--maps-res")
     return Plan(record, edit, shot, outputs)
 
 
@@ -252,30 +253,29 @@ def run(sd: StableDiffusion, plan: Plan, progress: bool = True) -> Result:
 
 
 def write(result: Result, outputs: Outputs) -> list[Path]:
-    """Write the outputs named (each whole or not at all), returning their paths."""
-    meta, r, written = result.metadata, result.record, []
-    if outputs.latents is not None:
-        output.save_tensors(outputs.latents, {"latents": result.latents}, meta)
-        written.append(outputs.latents)
-    if outputs.maps is not None:
-        grid = viz.token_maps_grid(result.images, r.prompts, result.edit.store, load_tokenizer(), outputs.maps_res)
-        output.save_image(outputs.maps, grid, meta | {"maps_res": str(outputs.maps_res)})
-        written.append(outputs.maps)
+    """Write the outputs named (each whole or not at all), returning their paths: the pictures are
+    drawn first, then every file is written."""
+    r, meta = result.record, result.metadata
+    row, labels = result.images, r.prompts
+    if result.photo is not None:   # the photo first, then its reconstruction (the source row) and the edits
+        row, labels = [result.photo, *row], ["photo", *labels]
     tiles = {"source": result.images[0], **{f"target{i}": im for i, im in enumerate(result.images[1:])}}
     if result.photo is not None:
         tiles["photo"] = result.photo
+    images = {}                    # path: (image, metadata)
+    if outputs.maps is not None:
+        grid = viz.token_maps_grid(result.images, r.prompts, result.edit.store, load_tokenizer(), outputs.maps_res)
+        images[outputs.maps] = grid, meta | {"maps_res": str(outputs.maps_res)}
     if outputs.tiles is not None:
-        for name, image in tiles.items():
-            path = outputs.tiles.with_name(f"{outputs.tiles.name}.{name}.png")
-            output.save_image(path, image, meta)
-            written.append(path)
+        images |= {outputs.tiles.with_name(f"{outputs.tiles.name}.{name}.png"): (image, meta)
+                   for name, image in tiles.items()}
     if outputs.image is not None:
-        row, labels = result.images, r.prompts
-        if result.photo is not None:   # the photo first, then its reconstruction (the source row) and the edits
-            row, labels = [result.photo, *row], ["photo", *labels]
-        output.save_image(outputs.image, viz.labelled_row(row, labels), meta)
-        written.append(outputs.image)
-    return written
+        images[outputs.image] = viz.labelled_row(row, labels), meta
+    if outputs.latents is not None:
+        output.save_tensors(outputs.latents, {"latents": result.latents}, meta)
+    for path, (image, metadata) in images.items():
+        output.save_image(path, image, metadata)
+    return [*([outputs.latents] if outputs.latents is not None else []), *images]
 
 
 # ---- the other roads: no edit ---------------------------------------------------------------
