@@ -20,6 +20,7 @@ import torch
 from models import InputError
 
 from .. import inversion, sampler
+from ..eval import metrics
 from ..inversion import Inversion
 
 
@@ -67,7 +68,7 @@ def report(sd, inv: Inversion, z0_rec: torch.Tensor):
     """Print how far the reconstruction is from z0, and its PSNR against the VAE-only reconstruction."""
     mse = (z0_rec[:1].cpu() - inv.z0).square().mean().item()
     images = sampler.decode(sd, torch.cat([z0_rec[:1].cpu(), inv.z0]))     # [-1, 1], range 2
-    psnr = 10 * torch.log10(4 / (images[0] - images[1]).square().mean()).item()
+    psnr = metrics.psnr((images[0] + 1) / 2, (images[1] + 1) / 2)                # to [0, 1]
     print(f"reconstruction ({inv.settings['method']}, guidance {inv.settings['guidance']}): latent MSE {mse:.3e} "
           f"(z0 mean square {inv.z0.square().mean().item():.3f}), PSNR {psnr:.1f} dB against the VAE-only "
           f"reconstruction")
