@@ -2,11 +2,10 @@
 
 Every Prompt-to-Prompt edit is linear in the probabilities, so it can act on q, k, v and leave
 the attention fused. Each case samples 10 steps on the tiny model twice, fused and with every
-edited layer materialising its maps, at 64x64 (latents 8x8 down to 1x1; local blend needs its
-16x16 maps, so 128x128). With the model in float64 the two agree to 1e-6 once the latents are
-float32: that proves the maths of every case. In float32 they differ only as much as fused and
-explicit attention do without any edit (about 1.2e-4 at 128x128, where the latents reach |x| ~ 46);
-two cases check that, one self-injecting everywhere and one refine with reweight.
+edited layer materialising its maps. With the model in float64 the two agree to 1e-6 once the
+latents are float32: that proves the maths of every case. In float32 they differ only as much as
+fused and explicit attention do without any edit (about 1.2e-4 here, where the latents reach
+|x| ~ 46); two cases check that, one self-injecting everywhere and one refine with reweight.
 """
 import pytest
 import torch
@@ -47,7 +46,7 @@ CASES = {
     "reweight_alone": dict(prompts=[CAT, CAT], cross=lambda p: edits.Reweight(TOK, p, {"cat": -1.5})),
     "two_targets_uncond": dict(prompts=[CAT, DOG, HORSE], cross=lambda p: edits.Replace(TOK, p), edit_uncond=True,
                                self_max_tokens=4096),
-    "blend": dict(prompts=[CAT, DOG], cross=lambda p: edits.Replace(TOK, p), size=128,
+    "blend": dict(prompts=[CAT, DOG], cross=lambda p: edits.Replace(TOK, p),
                   blend=lambda p: edits.LocalBlend(TOK, p, [["cat"], ["dog"]], threshold=0.75)),
     "plms": dict(prompts=[CAT, DOG], cross=lambda p: edits.Replace(TOK, p), sampler="plms", self_max_tokens=4096),
 }
@@ -59,8 +58,7 @@ def sample(tiny, case, materialise):
                    self_steps=case.get("self_steps", 0.4), self_max_tokens=case.get("self_max_tokens", 256),
                    blend=case["blend"](prompts) if "blend" in case else None, edit_uncond=case.get("edit_uncond", False),
                    materialise=materialise)
-    size = case.get("size", 64)
-    latents = generate(tiny, prompts, seed=0, steps=10, height=size, width=size, edit=edit,
+    latents = generate(tiny, prompts, seed=0, steps=10, height=128, width=128, edit=edit,
                        sampler=case.get("sampler", "ddim"), progress=False)
     return latents, edit.counts
 
@@ -103,8 +101,7 @@ def test_in_float32_fused_edits_differ_only_by_the_attention_kernels_rounding(ti
     # the edits reach 1.32x that at 3 threads (1.28x before fused() took one call per half), so 1.5x
     assert 1e-5 < floor < 2e-4
     for name in ("replace_self_everywhere", "refine_reweight"):
-        case = dict(CASES[name], size=128)
-        err = (sample(tiny, case, False)[0] - sample(tiny, case, True)[0]).abs().max().item()
+        err = (sample(tiny, CASES[name], False)[0] - sample(tiny, CASES[name], True)[0]).abs().max().item()
         assert err <= 1.5 * floor, f"{name}: {err:.3g}, while fused and explicit attention alone differ by {floor:.3g}"
 
 
