@@ -1,4 +1,5 @@
-"""Stable Diffusion v1 and 2.x, written from scratch: UNet, VAE, CLIP text encoder, DDIM, loaders."""
+"""Stable Diffusion v1 and 2.x, written from scratch: UNet, VAE, CLIP and OpenCLIP text encoders, DDIM, PLMS,
+loaders."""
 
 
 class InputError(ValueError):

@@ -58,13 +58,13 @@ class StableDiffusion:
 
 # ---- the architecture, read off the tensors --------------------------------------------
 
-def need(sd: dict, key: str, what: str, dims: int) -> torch.Tensor:
+def need(state: dict, key: str, what: str, dims: int) -> torch.Tensor:
     """A tensor the architecture is read from, or an InputError naming what is wrong with it."""
-    if key not in sd:
+    if key not in state:
         raise InputError(f"{what}: checkpoint lacks {key}")
-    if sd[key].ndim != dims:
-        raise InputError(f"{what}: {key} has shape {tuple(sd[key].shape)}, expected {dims} dimensions")
-    return sd[key]
+    if state[key].ndim != dims:
+        raise InputError(f"{what}: {key} has shape {tuple(state[key].shape)}, expected {dims} dimensions")
+    return state[key]
 
 
 def check_split(what: str, channels: tuple[int, ...], n: int, into: str):
@@ -73,9 +73,9 @@ def check_split(what: str, channels: tuple[int, ...], n: int, into: str):
         raise InputError(f"{what}: width {bad[0]} does not split into {into}")
 
 
-def linear_projections(sd: dict) -> bool:
+def linear_projections(state: dict) -> bool:
     """SD 2's transformers project in and out with Linear layers (2-D weights), SD v1's with 1x1 convs."""
-    proj = next((v for k, v in sd.items() if k.endswith(".proj_in.weight")), None)
+    proj = next((v for k, v in state.items() if k.endswith(".proj_in.weight")), None)
     return proj is not None and proj.ndim == 2
 
 
@@ -91,13 +91,13 @@ def head_counts(counts: list, channels: tuple[int, ...]) -> tuple[int, int | Non
     return UNetConfig.heads, channels[0] // counts[0]
 
 
-def infer_unet(sd: dict, heads: int | list = 8, head_dim: int | None = None, groups: int = 32) -> UNetConfig:
+def infer_unet(state: dict, heads: int | list = 8, head_dim: int | None = None, groups: int = 32) -> UNetConfig:
     """Shapes give levels, widths, attention levels, depth and the projections; the heads are `heads`
     per level (SD v1: 8), or `head_dim` wide (SD 2: 64), or a config's list of counts per level."""
-    levels = indices(sd, r"down_blocks\.(\d+)\.")
+    levels = indices(state, r"down_blocks\.(\d+)\.")
     if not levels:
         raise InputError("UNet weights not found (no down_blocks.*)")
-    channels = tuple(need(sd, f"down_blocks.{i}.resnets.0.conv1.weight", "UNet", 4).shape[0] for i in levels)
+    channels = tuple(need(state, f"down_blocks.{i}.resnets.0.conv1.weight", "UNet", 4).shape[0] for i in levels)
     check_split("UNet", channels, groups, f"{groups} GroupNorm groups")
     if isinstance(heads, list):
         heads, head_dim = head_counts(heads, channels)
@@ -107,62 +107,62 @@ def infer_unet(sd: dict, heads: int | list = 8, head_dim: int | None = None, gro
         check_split("UNet", channels, head_dim, f"{head_dim}-wide attention heads")
     else:
         check_split("UNet", channels, heads, f"{heads} attention heads")
-    cross = next((v for k, v in sd.items() if k.endswith("attn2.to_k.weight")), None)
+    cross = next((v for k, v in state.items() if k.endswith("attn2.to_k.weight")), None)
     return UNetConfig(
-        in_channels=need(sd, "conv_in.weight", "UNet", 4).shape[1],
-        out_channels=need(sd, "conv_out.weight", "UNet", 4).shape[0], channels=channels,
-        attention=tuple(any(k.startswith(f"down_blocks.{i}.attentions.") for k in sd) for i in levels),
-        layers_per_block=len(indices(sd, r"down_blocks\.0\.resnets\.(\d+)\.")),
+        in_channels=need(state, "conv_in.weight", "UNet", 4).shape[1],
+        out_channels=need(state, "conv_out.weight", "UNet", 4).shape[0], channels=channels,
+        attention=tuple(any(k.startswith(f"down_blocks.{i}.attentions.") for k in state) for i in levels),
+        layers_per_block=len(indices(state, r"down_blocks\.0\.resnets\.(\d+)\.")),
         context_dim=cross.shape[-1] if cross is not None else 768,
-        transformer_depth=max(1, len(indices(sd, r"mid_block\.attentions\.0\.transformer_blocks\.(\d+)\."))),
-        heads=heads, head_dim=head_dim, linear_projection=linear_projections(sd), groups=groups)
+        transformer_depth=max(1, len(indices(state, r"mid_block\.attentions\.0\.transformer_blocks\.(\d+)\."))),
+        heads=heads, head_dim=head_dim, linear_projection=linear_projections(state), groups=groups)
 
 
-def infer_vae(sd: dict, groups: int = 32, scale: float = 0.18215) -> VAEConfig:
-    levels = indices(sd, r"encoder\.down_blocks\.(\d+)\.")
+def infer_vae(state: dict, groups: int = 32, scale: float = 0.18215) -> VAEConfig:
+    levels = indices(state, r"encoder\.down_blocks\.(\d+)\.")
     if not levels:
         raise InputError("VAE weights not found (no encoder.down_blocks.*)")
-    channels = tuple(need(sd, f"encoder.down_blocks.{i}.resnets.0.conv1.weight", "VAE", 4).shape[0] for i in levels)
+    channels = tuple(need(state, f"encoder.down_blocks.{i}.resnets.0.conv1.weight", "VAE", 4).shape[0] for i in levels)
     check_split("VAE", channels, groups, f"{groups} GroupNorm groups")
     return VAEConfig(
-        image_channels=need(sd, "encoder.conv_in.weight", "VAE", 4).shape[1],
-        latent_channels=need(sd, "post_quant_conv.weight", "VAE", 4).shape[0], channels=channels,
-        layers_per_block=len(indices(sd, r"encoder\.down_blocks\.0\.resnets\.(\d+)\.")), groups=groups, scale=scale)
+        image_channels=need(state, "encoder.conv_in.weight", "VAE", 4).shape[1],
+        latent_channels=need(state, "post_quant_conv.weight", "VAE", 4).shape[0], channels=channels,
+        layers_per_block=len(indices(state, r"encoder\.down_blocks\.0\.resnets\.(\d+)\.")), groups=groups, scale=scale)
 
 
-def infer_text(sd: dict, act: str = "quick_gelu") -> CLIPTextConfig:
+def infer_text(state: dict, act: str = "quick_gelu") -> CLIPTextConfig:
     """Shapes give vocabulary, width, layers, MLP width; the activation is SD v1's quick_gelu, SD 2's gelu."""
-    emb = need(sd, "text_model.embeddings.token_embedding.weight", "text encoder", 2)
+    emb = need(state, "text_model.embeddings.token_embedding.weight", "text encoder", 2)
     if emb.shape[1] % 64:
         raise InputError(f"text encoder: width {emb.shape[1]} is not a whole number of 64-wide heads")
     return text_config(vocab=emb.shape[0], width=emb.shape[1],
-                       layers=len(indices(sd, r"text_model\.encoder\.layers\.(\d+)\.")),
-                       mlp=need(sd, "text_model.encoder.layers.0.mlp.fc1.weight", "text encoder", 2).shape[0], act=act)
+                       layers=len(indices(state, r"text_model\.encoder\.layers\.(\d+)\.")),
+                       mlp=need(state, "text_model.encoder.layers.0.mlp.fc1.weight", "text encoder", 2).shape[0], act=act)
 
 
 # ---- building the modules --------------------------------------------------------------
 
-def fill(model: torch.nn.Module, sd: dict, what: str) -> torch.nn.Module:
+def fill(model: torch.nn.Module, state: dict, what: str) -> torch.nn.Module:
     """Strict load into a meta-device model: every tensor used, every parameter filled, shapes equal,
     floating-point weights where the model has them."""
     expected = model.state_dict()
-    missing = [k for k in expected if k not in sd]
-    unused = [k for k in sd if k not in expected]
+    missing = [k for k in expected if k not in state]
+    unused = [k for k in state if k not in expected]
     if missing:
         raise InputError(f"{what}: checkpoint lacks {missing[0]} ({len(missing)} tensors missing)")
     if unused:
         raise InputError(f"{what}: checkpoint has unexpected {unused[0]} ({len(unused)} tensors unused)")
     for k, v in expected.items():
-        if v.shape != sd[k].shape:
-            raise InputError(f"{what}: {k} has shape {tuple(sd[k].shape)}, expected {tuple(v.shape)}")
-        if v.is_floating_point() and not sd[k].is_floating_point():   # torch would refuse it mid-load
-            raise InputError(f"{what}: {k} holds {str(sd[k].dtype).removeprefix('torch.')} values, "
+        if v.shape != state[k].shape:
+            raise InputError(f"{what}: {k} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}")
+        if v.is_floating_point() and not state[k].is_floating_point():   # torch would refuse it mid-load
+            raise InputError(f"{what}: {k} holds {str(state[k].dtype).removeprefix('torch.')} values, "
                              "expected floating-point weights")
-    model.load_state_dict(sd, strict=True, assign=True)
+    model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
 
-def build(sd: dict[str, dict], path: Path, unet_cfg: UNetConfig, vae_cfg: VAEConfig, text_cfg: CLIPTextConfig,
+def build(state: dict[str, dict], path: Path, unet_cfg: UNetConfig, vae_cfg: VAEConfig, text_cfg: CLIPTextConfig,
           tokenizer_dir: Path, pad: str, prediction: str, native_size: int) -> StableDiffusion:
     tokenizer = load_tokenizer(tokenizer_dir)
     # the three must fit together: latents pass UNet <-> VAE, text widths and token ids pass CLIP -> UNet
@@ -178,7 +178,8 @@ def build(sd: dict[str, dict], path: Path, unet_cfg: UNetConfig, vae_cfg: VAECon
         raise InputError(f"the pad token {pad!r} is not in the tokenizer's vocabulary")
     with torch.device("meta"):
         unet, vae, clip = UNet(unet_cfg), VAE(vae_cfg), CLIPTextModel(text_cfg)
-    unet, vae, clip = fill(unet, sd["unet"], "UNet"), fill(vae, sd["vae"], "VAE"), fill(clip, module_names(sd["text"], clip), "text encoder")
+    unet, vae = fill(unet, state["unet"], "UNet"), fill(vae, state["vae"], "VAE")
+    clip = fill(clip, module_names(state["text"], clip), "text encoder")
     # position_ids is a non-persistent buffer: not in checkpoints, so remake it off the meta device
     emb = embeddings(clip)
     emb.position_ids = torch.arange(emb.position_embedding.num_embeddings, device=emb.position_embedding.weight.device)[None]
@@ -213,10 +214,10 @@ def load_single_file(path: Path, device, dtype, prediction: str | None) -> Stabl
     sd2 = bool(split_ldm(read_safetensors(path, "meta", dtype))["openclip"])   # the header alone, before the data
     if sd2 and prediction is None:
         raise InputError(SD2_PREDICTION.format(path=path))
-    sd = ldm_to_diffusers(split_ldm(read_safetensors(path, device, dtype)))
+    state = ldm_to_diffusers(split_ldm(read_safetensors(path, device, dtype)))
     prediction = prediction or "epsilon"
-    return build(sd, path, infer_unet(sd["unet"], head_dim=64 if sd2 else None), infer_vae(sd["vae"]),
-                 infer_text(sd["text"], "gelu" if sd2 else "quick_gelu"), TOKENIZER_DIR, PAD[sd2], prediction,
+    return build(state, path, infer_unet(state["unet"], head_dim=64 if sd2 else None), infer_vae(state["vae"]),
+                 infer_text(state["text"], "gelu" if sd2 else "quick_gelu"), TOKENIZER_DIR, PAD[sd2], prediction,
                  768 if prediction == "v_prediction" else 512)
 
 
@@ -284,19 +285,19 @@ def load_folder(path: Path, device, dtype, prediction: str | None) -> StableDiff
     """Configs say what the tensors cannot: heads, groups, VAE scale, activation, pad token, prediction;
     without them a UNet with Linear projections is taken for SD 2, as the single file's rule would."""
     unet_file, vae_file, text_file = weight_files(path)
-    sd = {"unet": read_safetensors(unet_file, device, dtype), "vae": read_safetensors(vae_file, device, dtype),
+    state = {"unet": read_safetensors(unet_file, device, dtype), "vae": read_safetensors(vae_file, device, dtype),
           "text": read_safetensors(text_file, device, dtype)}
     # older diffusers files (the v1.4 / v1.5 repositories among them) use other VAE attention names
     for old, new in VAE_LEGACY_ATTENTION:
-        sd["vae"] = {sub(k, old, new): v for k, v in sd["vae"].items()}
-    sd["text"] = {k: v for k, v in sd["text"].items() if not k.endswith("position_ids")}
+        state["vae"] = {sub(k, old, new): v for k, v in state["vae"].items()}
+    state["text"] = {k: v for k, v in state["text"].items() if not k.endswith("position_ids")}
     configs = {c: path / c / "config.json" for c in FOLDER}
     unet_json, vae_json, text_json = (read_json(file) for file in configs.values())
     for key, what in (("addition_embed_type", "an SDXL UNet"), ("class_embed_type", "an unCLIP (image variation) UNet")):
         if unet_json.get(key):
             raise InputError(f"{path}: {what} (unet/config.json has {key}); p2p supports Stable Diffusion v1 and "
                              "2.x text-to-image models only")
-    sd2 = linear_projections(sd["unet"])
+    sd2 = linear_projections(state["unet"])
     if "use_linear_projection" in unet_json and bool(unet_json["use_linear_projection"]) != sd2:
         raise InputError(f"{path}: unet/config.json has use_linear_projection {unet_json['use_linear_projection']}, "
                          f"but the UNet's proj_in weights are {'Linear' if sd2 else '1x1 conv'} weights")
@@ -306,14 +307,14 @@ def load_folder(path: Path, device, dtype, prediction: str | None) -> StableDiff
         heads = {"heads": counts}
     else:   # no config: the single file's rule, SD 2's 64-wide heads or SD v1's 8
         heads = {"head_dim": 64} if sd2 else {}
-    unet_cfg = infer_unet(sd["unet"], groups=count(unet_json, "norm_num_groups", 32, configs["unet"]), **heads)
-    vae_cfg = infer_vae(sd["vae"], groups=count(vae_json, "norm_num_groups", 32, configs["vae"]),
+    unet_cfg = infer_unet(state["unet"], groups=count(unet_json, "norm_num_groups", 32, configs["unet"]), **heads)
+    vae_cfg = infer_vae(state["vae"], groups=count(vae_json, "norm_num_groups", 32, configs["vae"]),
                         scale=scale(vae_json, "scaling_factor", 0.18215, configs["vae"]))
     act = "gelu" if sd2 else "quick_gelu"
-    text_cfg = folder_text_config(text_json, configs["text_encoder"]) if text_json else infer_text(sd["text"], act)
+    text_cfg = folder_text_config(text_json, configs["text_encoder"]) if text_json else infer_text(state["text"], act)
     tokenizer = path / "tokenizer" if present(path / "tokenizer" / "vocab.json") else TOKENIZER_DIR
     prediction, native = prediction_and_size(path, prediction, unet_json, vae_cfg)
-    return build(sd, path, unet_cfg, vae_cfg, text_cfg, tokenizer, pad_token(path / "tokenizer", sd2), prediction,
+    return build(state, path, unet_cfg, vae_cfg, text_cfg, tokenizer, pad_token(path / "tokenizer", sd2), prediction,
                  native)
 
 

@@ -71,7 +71,8 @@ def tensor_table(path: Path, header: bytes | None = None) -> dict[str, tuple[tor
     """{name: (dtype, shape)} of the tensors of a .safetensors file, from its header (`header`, if
     read already) checked as the safetensors library checks it before reading: every entry a dtype,
     a shape and data offsets that tile the file's data exactly. So a malformed header is one
-    InputError before anything is allocated, on the meta device as on a real one."""
+    InputError before anything is allocated, on the meta device as on a real one. safe_open refuses
+    the same headers, but opens the file first and mostly names neither the tensor nor the fault."""
     header = header or safetensors_header(path)
     bad = f"{path}: not a readable .safetensors file"
     try:

@@ -14,14 +14,14 @@ OTHER_MODELS = {"conditioner.embedders.": "an SDXL checkpoint",
                 "model.diffusion_model.label_emb.": "an SDXL or unCLIP checkpoint"}
 
 
-def split_ldm(sd: dict) -> dict[str, dict]:
+def split_ldm(state: dict) -> dict[str, dict]:
     """Single-file state dict -> {"unet", "vae", "text", "openclip"} with LDM names inside."""
     for marker, what in OTHER_MODELS.items():
-        found = next((k for k in sd if k.startswith(marker)), None)
+        found = next((k for k in state if k.startswith(marker)), None)
         if found is not None:
             raise InputError(f"found {what} (key {found}); p2p supports Stable Diffusion v1 and 2.x only")
     parts = {part: {} for part in LDM_PREFIXES.values()}
-    for key, value in sd.items():
+    for key, value in state.items():
         # dropped: EMA copies, LatentDiffusion's top-level schedule buffers, CLIP's position_ids
         if key.startswith("model_ema.") or "." not in key or key.endswith("position_ids"):
             continue
@@ -31,7 +31,7 @@ def split_ldm(sd: dict) -> dict[str, dict]:
         parts[LDM_PREFIXES[prefix]][key[len(prefix):]] = value
     if not parts["unet"]:
         raise InputError(f"not a Stable Diffusion checkpoint: no model.diffusion_model.* tensors "
-                         f"(found e.g. {', '.join(list(sd)[:3])})")
+                         f"(found e.g. {', '.join(list(state)[:3])})")
     if parts["text"] and parts["openclip"]:
         raise InputError("the checkpoint has two text encoders (cond_stage_model.transformer.* and "
                          "cond_stage_model.model.*)")
@@ -55,8 +55,8 @@ OPENCLIP_BLOCK = [("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"), ("attn.out_p
 OPENCLIP_UNUSED = ("text_projection", "logit_scale")   # CLIP's contrastive head: SD 2 reads token states
 
 
-def indices(sd: dict, pattern: str) -> list[int]:
-    return sorted({int(m[1]) for k in sd if (m := re.match(pattern, k))})
+def indices(state: dict, pattern: str) -> list[int]:
+    return sorted({int(m[1]) for k in state if (m := re.match(pattern, k))})
 
 
 def sub(key: str, old: str, new: str) -> str:
@@ -115,28 +115,28 @@ def openclip_names(layers: int) -> dict[str, list[str]]:
     return names
 
 
-def openclip_to_clip(sd: dict) -> dict:
+def openclip_to_clip(state: dict) -> dict:
     """OpenCLIP's text tower -> CLIPTextModel tensors. SD 2 reads the output of the penultimate
     block (then ln_final): a file with N resblocks gives an N - 1 layer model, the last one unused."""
-    blocks = indices(sd, r"transformer\.resblocks\.(\d+)\.")
+    blocks = indices(state, r"transformer\.resblocks\.(\d+)\.")
     layers = blocks[-1] if blocks else 0
     if layers == 0:
         raise InputError("text encoder: the OpenCLIP tower needs at least 2 resblocks "
                          "(cond_stage_model.model.transformer.resblocks.*), the last one unused")
     names = openclip_names(layers)
-    if missing := [k for k in names if k not in sd]:
+    if missing := [k for k in names if k not in state]:
         raise InputError(f"text encoder: checkpoint lacks cond_stage_model.model.{missing[0]} "
                          f"({len(missing)} tensors missing)")
-    unused = [k for k in sd if k not in names and k not in OPENCLIP_UNUSED
+    unused = [k for k in state if k not in names and k not in OPENCLIP_UNUSED
               and not k.startswith(f"transformer.resblocks.{layers}.")]
     if unused:
         raise InputError(f"text encoder: checkpoint has unexpected cond_stage_model.model.{unused[0]}")
     out = {}
     for key, ours in names.items():
-        if sd[key].ndim == 0 or sd[key].shape[0] % len(ours):
-            raise InputError(f"text encoder: cond_stage_model.model.{key} has shape {tuple(sd[key].shape)}, "
+        if state[key].ndim == 0 or state[key].shape[0] % len(ours):
+            raise InputError(f"text encoder: cond_stage_model.model.{key} has shape {tuple(state[key].shape)}, "
                              f"which does not split into {len(ours)}")
-        out |= {f"text_model.{n}": t for n, t in zip(ours, sd[key].chunk(len(ours)))}
+        out |= {f"text_model.{n}": t for n, t in zip(ours, state[key].chunk(len(ours)))}
     return out
 
 

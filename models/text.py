@@ -23,12 +23,12 @@ def text_config(vocab: int = 49408, width: int = 768, layers: int = 12, mlp: int
         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
 
 
-def module_names(sd: dict, model: CLIPTextModel) -> dict:
+def module_names(state: dict, model: CLIPTextModel) -> dict:
     """Checkpoint names (always `text_model.*`) -> the installed transformers' names
     (transformers 5 dropped the `text_model` level from CLIPTextModel)."""
     if any(k.startswith("text_model.") for k in model.state_dict()):
-        return sd
-    return {k.removeprefix("text_model."): v for k, v in sd.items()}
+        return state
+    return {k.removeprefix("text_model."): v for k, v in state.items()}
 
 
 def embeddings(model: CLIPTextModel):

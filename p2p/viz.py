@@ -28,7 +28,8 @@ def to_pil(images: torch.Tensor, truncate: bool = True) -> list[Image.Image]:
     8 bits as the official notebooks make them, (x / 2 + 0.5).clamp(0, 1) * 255 truncated, so a
     PNG compares pixel for pixel with theirs. `truncate=False` rounds instead, which gives an
     8-bit photo's own pixels back (truncation would lower a quarter of its values by one)."""
-    pixels = (images.detach().float().cpu() / 2 + 0.5).clamp(0, 1) * 255
+    # float32 at least; float64 stays float64, so [0, 1] metrics images round as they would unconverted
+    pixels = (images.detach().cpu().to(torch.promote_types(images.dtype, torch.float32)) / 2 + 0.5).clamp(0, 1) * 255
     pixels = (pixels if truncate else pixels.round()).to(torch.uint8)   # float -> uint8 truncates
     return [Image.fromarray(x.permute(1, 2, 0).numpy()) for x in pixels]  # [h, w, 3] each
 

@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.checkpoint import load  # noqa: E402
 from p2p import edits, sampler  # noqa: E402
+from p2p.eval import metrics  # noqa: E402
 
 PROMPTS = ["a cat riding a bicycle", "a dog riding a bicycle"]
 
@@ -45,12 +46,6 @@ def edit_run(sd, args):
         pre.remove()
         post.remove()
     return latents, calls
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Images in [-1, 1]: the peak-to-peak range is 2, so PSNR = 10 log10(4 / mse)."""
-    mse = (a - b).pow(2).mean().item()
-    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(4 / mse)).item()
 
 
 def main(argv=None):
@@ -98,7 +93,7 @@ def main(argv=None):
             rel = dz.pow(2).mean().sqrt().item() / base_z[row].pow(2).mean().sqrt().item()
             timing = f"{call:.3f} | {whole:.3f} | {call / base_s:.2f}" if row == 0 else " |  | "
             print(f"| {str(dt)[6:] if row == 0 else ''} | {timing} | {name} | {dz.abs().max().item():.2e} "
-                  f"| {rel:.2e} | {psnr(images[dt][row], base_img[row]):.1f} |")
+                  f"| {rel:.2e} | {metrics.psnr((images[dt][row] + 1) / 2, (base_img[row] + 1) / 2):.1f} |")
 
 
 if __name__ == "__main__":

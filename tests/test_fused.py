@@ -3,8 +3,9 @@
 Every Prompt-to-Prompt edit is linear in the probabilities, so it can act on q, k, v and leave
 the attention fused. Each case samples 10 steps on the tiny model twice, fused and with every
 edited layer materialising its maps. With the model in float64 the two agree to 1e-6 once the
-latents are float32; in float32 they differ only as much as fused and explicit attention do
-without any edit (about 1.2e-4 here, where the latents reach |x| ~ 46).
+latents are float32: that proves the maths of every case. In float32 they differ only as much as
+fused and explicit attention do without any edit (about 1.2e-4 here, where the latents reach
+|x| ~ 46); two cases check that, one self-injecting everywhere and one refine with reweight.
 """
 import pytest
 import torch
@@ -100,7 +101,7 @@ def test_in_float32_fused_edits_differ_only_by_the_attention_kernels_rounding(ti
     floor = (plain[0] - plain[1]).abs().max().item()   # fused vs explicit attention, no edit at all
     # the edits reach 1.32x that at 3 threads (1.28x before fused() took one call per half), so 1.5x
     assert 1e-5 < floor < 2e-4
-    for name in ("replace_self_everywhere", "refine_reweight", "two_targets_uncond", "plms"):
+    for name in ("replace_self_everywhere", "refine_reweight"):
         err = (sample(tiny, CASES[name], False)[0] - sample(tiny, CASES[name], True)[0]).abs().max().item()
         assert err <= 1.5 * floor, f"{name}: {err:.3g}, while fused and explicit attention alone differ by {floor:.3g}"
 

@@ -83,23 +83,41 @@ def test_attention_region_and_pil_images():
 
 # ---- CLIP and DINO, on tiny random models written by transformers (the real layouts) -----------
 
-def test_clip_score_and_direction(nets):
+def normalised(image: Image.Image, mean, std) -> torch.Tensor:
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1) / 255
+    return ((x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None])[None]
+
+
+def test_clip_score_and_direction(nets, tmp_path):
     clip = metrics.Clip.load(nets / metrics.CLIP_FOLDER)
     a = torch.rand(3, 80, 96, generator=torch.Generator().manual_seed(0))
     b = torch.rand(3, 80, 96, generator=torch.Generator().manual_seed(1))
-    # by hand: the 64 px centre crop, CLIP's normalisation, the two towers, 100 * max(cos, 0)
-    crop = metrics.square_crop(metrics.to_pil(a), 64)
-    assert crop.size == (64, 64)
+    # by hand: 80 x 96 -> 64 x int(76.8) bicubic, the 64 px centre crop, CLIP's normalisation, the two
+    # towers, 100 * max(cos, 0)
+    crop = metrics.as_pil(a).resize((76, 64), Image.BICUBIC).crop((6, 0, 70, 64))
     with torch.no_grad():   # transformers' own forward: logits_per_image = exp(logit_scale) * cos
-        pixels = metrics.normalised(crop, metrics.CLIP_MEAN, metrics.CLIP_STD)
+        pixels = normalised(crop, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
         ids = clip.tokenizer(["a cat"], padding="max_length", max_length=77, return_tensors="pt").input_ids
         out = clip.model(input_ids=ids, pixel_values=pixels)
     cos = (out.logits_per_image / clip.model.logit_scale.exp()).item()
     assert clip.score(a, "a cat") == pytest.approx(100 * max(cos, 0), abs=1e-4)
     assert 0 <= clip.score(b, "a dog") <= 100
-    d = clip.direction(a, b, "a cat", "a dog")
-    assert -1 <= d <= 1 and clip.direction(a, b, "a dog", "a cat") == pytest.approx(-d, abs=1e-5)
-    assert math.isnan(clip.direction(a, a, "a cat", "a dog"))
+    got = clip.measure(a, b, "a cat", "a dog")
+    d = got["clip_direction"]
+    assert got["clip_score"] == pytest.approx(clip.score(b, "a dog"))
+    assert -1 <= d <= 1 and clip.measure(a, b, "a dog", "a cat")["clip_direction"] == pytest.approx(-d, abs=1e-5)
+    assert math.isnan(clip.measure(a, a, "a cat", "a dog")["clip_direction"])
+    # a preprocessor_config.json beside the weights (the hub's older format) is the one used
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    for f in (nets / metrics.CLIP_FOLDER).iterdir():
+        (folder / f.name).symlink_to(f)
+    (folder / "preprocessor_config.json").write_text(json.dumps(
+        {"crop_size": 64, "size": 64, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+         "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "resample": 3,
+         "feature_extractor_type": "CLIPFeatureExtractor"}))
+    other = metrics.Clip.load(folder)
+    assert list(other.preprocess.image_mean) == [0.5] * 3 and other.score(a, "a cat") != clip.score(a, "a cat")
 
 
 def test_dino_structure_distance(nets):
@@ -115,11 +133,12 @@ def test_dino_structure_distance(nets):
     caught = []
     handle = key.register_forward_hook(lambda module, args, output: caught.append(output[0]))
     with torch.no_grad():
-        dino.model(pixel_values=metrics.normalised(metrics.to_pil(a).resize((32, 32), Image.BICUBIC),
-                                                   metrics.IMAGENET_MEAN, metrics.IMAGENET_STD))
+        dino.model(pixel_values=normalised(metrics.as_pil(a).resize((32, 32), Image.BICUBIC),
+                                           (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
     handle.remove()
     k = torch.nn.functional.normalize(caught[0], dim=-1)
     assert torch.allclose(s, k @ k.T, atol=1e-5)
+    assert dino.pixels(torch.rand(3, 40, 52)).shape == (1, 3, 32, 41)   # the long side int(41.6), not cropped
     b = a.flip(-1)
     assert dino.distance(a, b) > 0 and dino.distance(a, b) == pytest.approx(dino.distance(b, a))
 

@@ -45,6 +45,11 @@ def test_to_pil_truncates_as_numpy_does_and_rounds_photos_back_to_their_pixels()
     photo = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16).expand(1, 3, 16, 16)
     (back,) = to_pil(photo.float() / 127.5 - 1, truncate=False)
     assert np.array_equal(np.array(back)[..., 0], photo[0, 0].numpy())
+    # float64 stays float64: a [0, 1] image (the metrics' as_pil) rounds as x * 255 does, even 1e-6
+    # from a half, which float32 cannot tell apart
+    y = torch.tensor([1.5 - 1e-6, 1.5 + 1e-6, 100.5 - 1e-6, 100.5 + 1e-6], dtype=torch.float64) / 255
+    (near,) = to_pil(y.reshape(1, 1, 1, 4).expand(1, 3, 1, 4) * 2 - 1, truncate=False)
+    assert np.array(near)[0, :, 0].tolist() == (y * 255).round().tolist() == [1, 2, 100, 101]
 
 
 def test_to_pil_batch_and_channel_order():

@@ -34,7 +34,6 @@ from models import InputError
 
 from .metrics import as_tensor
 
-WEIGHTS_FILE = "lpips-squeeze.safetensors"              # what scripts/convert_lpips.py writes
 SHIFT, SCALE = (-.030, -.088, -.188), (.458, .448, .450)  # lpips' ScalingLayer
 SLICE_ENDS = (2, 5, 8, 10, 11, 12, 13)                  # lpips cuts features[0:2], [2:5], ..., [12:13]
 CHANNELS = (64, 128, 256, 384, 384, 512, 512)

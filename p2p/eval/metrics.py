@@ -22,12 +22,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import transformers
 from PIL import Image
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from models import InputError
 from models.text import TOKENIZER_DIR, load_tokenizer
 
-from .. import align
+from .. import align, viz
 
 WINDOW, SIGMA = 11, 1.5          # Wang et al. (2004)
 K1, K2 = 0.01, 0.03
@@ -39,6 +41,13 @@ def as_tensor(image) -> torch.Tensor:
         return image.double()
     pixels = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
     return torch.from_numpy(pixels.copy()).permute(2, 0, 1).double() / 255
+
+
+def as_pil(image) -> Image.Image:
+    """A PIL image as it is; else as_tensor's image rounded to 8 bits."""
+    if isinstance(image, Image.Image):
+        return image
+    return viz.to_pil(as_tensor(image)[None] * 2 - 1, truncate=False)[0]
 
 
 def background(region: torch.Tensor | None, shape) -> torch.Tensor:
@@ -148,22 +157,9 @@ def pixel_metrics(source, edited, region=None) -> dict[str, float]:
 # ---- metrics with networks of their own: CLIP and DINO (transformers, local safetensors) ----------
 
 CLIP_FOLDER, DINO_FOLDER = "openai--clip-vit-large-patch14", "facebook--dino-vitb8"   # as `p2p download` names them
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def square_crop(image: Image.Image, size: int) -> Image.Image:
-    """Resize the short side to `size` (bicubic) and take the centre square, as CLIP's preprocessing."""
-    w, h = image.size
-    scale = size / min(w, h)
-    image = image.convert("RGB").resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
-    left, top = (image.width - size) // 2, (image.height - size) // 2
-    return image.crop((left, top, left + size, top + size))
-
-
-def normalised(image: Image.Image, mean, std) -> torch.Tensor:
-    x = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1) / 255
-    return ((x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None])[None]
+# transformers 5's CLIPImageProcessor resizes with torchvision when it is installed (other pixels); the
+# PIL one, transformers 4's CLIPImageProcessor, is CLIP's own preprocessing whatever else is installed.
+IMAGE_PROCESSOR = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
 
 
 def local_model(kind, folder, what: str):
@@ -183,23 +179,25 @@ class Clip:
     score(image, text)  = 100 * max(cos(E_I(image), E_T(text)), 0)
     direction(source image, edited image, source text, target text)
                         = cos(E_I(edited) - E_I(source), E_T(target) - E_T(source))   (nan if either is 0)
-    with E_I the image embedding of the 224 px centre crop, normalised as CLIP was trained."""
+    with E_I the image embedding of CLIP's preprocessing (CLIPImageProcessor: the short side to 224
+    bicubic, the long side truncated as torchvision's Resize, the centre 224 square, CLIP's mean and std)."""
 
-    def __init__(self, model, tokenizer):
-        self.model, self.tokenizer = model, tokenizer
-        self.size = model.config.vision_config.image_size
+    def __init__(self, model, tokenizer, preprocess):
+        self.model, self.tokenizer, self.preprocess = model, tokenizer, preprocess
 
     @classmethod
     def load(cls, folder):
-        from transformers import CLIPModel
-        model = local_model(CLIPModel, folder, "CLIP score")
+        model = local_model(transformers.CLIPModel, folder, "CLIP score")
         if model is None:
             return None
-        return cls(model, load_tokenizer(Path(folder) if (Path(folder) / "vocab.json").is_file() else TOKENIZER_DIR))
+        folder, size = Path(folder), model.config.vision_config.image_size     # 224 for ViT-L/14
+        preprocess = IMAGE_PROCESSOR.from_pretrained(str(folder)) if (folder / "preprocessor_config.json").is_file() \
+            else IMAGE_PROCESSOR(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+        return cls(model, load_tokenizer(folder if (folder / "vocab.json").is_file() else TOKENIZER_DIR), preprocess)
 
     @torch.no_grad()
     def image(self, image) -> torch.Tensor:
-        pixels = normalised(square_crop(to_pil(image), self.size), CLIP_MEAN, CLIP_STD)
+        pixels = self.preprocess(images=as_pil(image), return_tensors="pt").pixel_values
         # the towers and projections themselves: get_*_features changed its return type in transformers 5
         return self.model.visual_projection(self.model.vision_model(pixel_values=pixels).pooler_output).float()[0]
 
@@ -214,9 +212,6 @@ class Clip:
 
     def score(self, image, text: str) -> float:
         return 100 * max(self.cos(self.image(image), self.text(text)), 0.0)
-
-    def direction(self, source, edited, source_text: str, target_text: str) -> float:
-        return self.cos(self.image(edited) - self.image(source), self.text(target_text) - self.text(source_text))
 
     def measure(self, source, edited, source_text: str, target_text: str) -> dict[str, float]:
         """clip_score and clip_direction of one edit, each of the four embeddings computed once."""
@@ -235,24 +230,25 @@ class Dino:
 
     def __init__(self, model):
         self.model = model
+        size = model.config.image_size
+        # not CLIP's crop, only its bicubic short-side resize (long side truncated), then ImageNet's mean and std
+        self.resize = IMAGE_PROCESSOR(size={"shortest_edge": size}, do_center_crop=False,
+                                      image_mean=IMAGENET_DEFAULT_MEAN, image_std=IMAGENET_DEFAULT_STD)
 
     @classmethod
     def load(cls, folder):
-        from transformers import ViTModel
-        model = local_model(ViTModel, folder, "structure distance")
+        model = local_model(transformers.ViTModel, folder, "structure distance")
         return None if model is None else cls(model)
 
     def pixels(self, image, pie: bool = False) -> torch.Tensor:
-        """The network's input [1, 3, h, w]: the short side resized to 224 and ImageNet-normalised.
+        """The network's input [1, 3, h, w]: the short side resized to 224 (bicubic, the long side
+        truncated) and ImageNet-normalised.
         pie=True follows PIE-Bench's evaluation code instead, for comparable numbers: torchvision's
         bilinear resize without antialiasing (its torchvision 0.13), the long side truncated and capped
         at 480, applied to pixel values 0..255 (not 0..1) before the same normalisation."""
         size = self.model.config.image_size
         if not pie:
-            image = to_pil(image).convert("RGB")
-            w, h = image.size
-            image = image.resize((round(w * size / min(w, h)), round(h * size / min(w, h))), Image.BICUBIC)
-            return normalised(image, IMAGENET_MEAN, IMAGENET_STD)
+            return self.resize(images=as_pil(image), return_tensors="pt").pixel_values
         x = as_tensor(image).float()[None] * 255
         h, w = x.shape[-2:]
         short, long = sorted((h, w))
@@ -261,7 +257,7 @@ class Dino:
             new_short, new_long = int(480 * new_short / new_long), 480
         x = F.interpolate(x, size=(new_short, new_long) if h <= w else (new_long, new_short), mode="bilinear",
                           align_corners=False)
-        return (x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+        return (x - torch.tensor(IMAGENET_DEFAULT_MEAN)[:, None, None]) / torch.tensor(IMAGENET_DEFAULT_STD)[:, None, None]
 
     @torch.no_grad()
     def self_similarity(self, image, pie: bool = False) -> torch.Tensor:
@@ -278,9 +274,3 @@ class Dino:
         """The structure distance; pie=True preprocesses as PIE-Bench does (see pixels)."""
         return (self.self_similarity(a, pie) - self.self_similarity(b, pie)).square().mean().item()
 
-
-def to_pil(image) -> Image.Image:
-    if isinstance(image, Image.Image):
-        return image
-    x = as_tensor(image).clamp(0, 1)
-    return Image.fromarray((x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
