@@ -211,6 +211,14 @@ def cells(items: list[Item], methods: list[str], overrides: dict | None, job: Jo
             {item.id: skipped[item.id] for item in items if item.id in skipped})
 
 
+def mask_at(item: Item, size: int) -> torch.Tensor:
+    """The item's mask at the edit's size (nearest), PIE-Bench's border included."""
+    mask = decode_mask(item.mask)
+    if size == SIZE:
+        return mask
+    return torch.nn.functional.interpolate(mask[None, None].float(), size=(size, size))[0, 0] > 0.5
+
+
 def run_cell(sd, cell: Cell, item: Item, job: Job, nets: Nets) -> dict:
     """Invert and edit one photo with one method, save photo, reconstruction and edit (each with
     the record, as `p2p edit` writes them), score them."""
@@ -231,24 +239,20 @@ def run_cell(sd, cell: Cell, item: Item, job: Job, nets: Nets) -> dict:
             "record": r.to_json(), "images": names, "metrics": scores, "seconds": seconds, "peak_mib": memory.mib}
 
 
-def mask_at(item: Item, size: int) -> torch.Tensor:
-    """The item's mask at the edit's size (nearest), PIE-Bench's border included."""
-    mask = decode_mask(item.mask)
-    if size == SIZE:
-        return mask
-    return torch.nn.functional.interpolate(mask[None, None].float(), size=(size, size))[0, 0] > 0.5
-
-
-def bench(data: Path, job: Job, methods: list[str], types: list[int] | None = None, limit: int | None = None,
-          overrides: dict | None = None) -> Path:
-    """Run this shard's unfinished cells, then write table.md and sheet.png from every shard's
-    results; returns the table's path."""
-    items, every, skipped = plan(data, types, limit, methods, overrides, job)
-    by_id = {item.id: item for item in items}
-    grid.run_cells(every, job, f"pie: {len({c.case for c in every})} photos x {len(methods)} methods ({len(skipped)} "
-                   f"photos skipped), {len(every)} cells", lambda sd, cell, nets: run_cell(sd, cell, by_id[cell.case],
-                                                                                          job, nets))
-    return report(every, skipped, methods, job.out)
+def select(items: list[Item], bad: dict, types: list[int] | None, limit: int | None) -> tuple[list[Item], dict]:
+    """The items of the chosen types, the first `limit` of each type (in id order), and the
+    unreadable items ({id: (type, why)} from read) of those types (or of no type), by id: why."""
+    chosen, count = [], {}
+    for item in sorted(items, key=lambda i: i.id):
+        if types is not None and item.type not in types:
+            continue
+        count[item.type] = count.get(item.type, 0) + 1
+        if limit is None or count[item.type] <= limit:
+            chosen.append(item)
+    skipped = {k: why for k, (t, why) in sorted(bad.items()) if types is None or t is None or t in types}
+    if not chosen and not skipped:
+        raise InputError(f"no PIE-Bench item of type {', '.join(map(str, types or []))} in the data")
+    return chosen, skipped
 
 
 def plan(data: Path, types, limit, methods, overrides, job: Job) -> tuple[list, list, dict]:
@@ -264,20 +268,16 @@ def plan(data: Path, types, limit, methods, overrides, job: Job) -> tuple[list, 
     return items, every, skipped
 
 
-def select(items: list[Item], bad: dict, types: list[int] | None, limit: int | None) -> tuple[list[Item], dict]:
-    """The items of the chosen types, the first `limit` of each type (in id order), and the
-    unreadable items ({id: (type, why)} from read) of those types (or of no type), by id: why."""
-    chosen, count = [], {}
-    for item in sorted(items, key=lambda i: i.id):
-        if types is not None and item.type not in types:
-            continue
-        count[item.type] = count.get(item.type, 0) + 1
-        if limit is None or count[item.type] <= limit:
-            chosen.append(item)
-    skipped = {k: why for k, (t, why) in sorted(bad.items()) if types is None or t is None or t in types}
-    if not chosen and not skipped:
-        raise InputError(f"no PIE-Bench item of type {', '.join(map(str, types or []))} in the data")
-    return chosen, skipped
+def bench(data: Path, job: Job, methods: list[str], types: list[int] | None = None, limit: int | None = None,
+          overrides: dict | None = None) -> Path:
+    """Check every cell, run this shard's unfinished ones, then write table.md and sheet.png from
+    every shard's results; returns the table's path."""
+    items, every, skipped = plan(data, types, limit, methods, overrides, job)
+    by_id = {item.id: item for item in items}
+    what = (f"pie: {len({c.case for c in every})} photos x {len(methods)} methods ({len(skipped)} photos skipped), "
+            f"{len(every)} cells")
+    grid.run_cells(every, job, what, lambda sd, cell, nets: run_cell(sd, cell, by_id[cell.case], job, nets))
+    return report(every, skipped, methods, job.out)
 
 
 # ---- the tables and the sheet ----------------------------------------------------------------

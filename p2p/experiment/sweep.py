@@ -17,8 +17,9 @@ line of DIR/results.jsonl (DIR/results.K-of-N.jsonl for a shard), holding its sh
 Each cell's images are DIR/cells/KEY.source.png, KEY.target{i}.png (KEY.photo.png for a photo
 case), each carrying its whole record as `p2p edit` writes it (`p2p edit --recipe` re-runs it), and
 the edit regions KEY.target{i}.region.png; fields the record leaves to the model (height, width,
-blend_res, self_max_tokens) take the model's native values. The tables (results.csv, summary.md) and the contact sheets (sheet-AXIS.png) are made from
-all results files and the images under DIR/cells, never kept apart from them.
+blend_res, self_max_tokens) take the model's native values. The tables (results.csv, summary.md)
+and the contact sheets (sheet-AXIS.png) are made from all results files and the images under
+DIR/cells, never kept apart from them.
 
 Metrics (p2p/eval/metrics.py) compare each target with its cell's source, read back from the saved
 PNGs: background MSE, PSNR, SSIM outside the edit region and locality inside it (the region:
@@ -229,26 +230,8 @@ def run_cell(sd, cell: Cell, job: Job, nets: Nets = Nets(), region: str = "blend
             image = Image.fromarray(mask.numpy().astype(np.uint8) * 255)
             output.save_image(job.out / names["regions"][-1], image, result.metadata)
     return {"key": cell.key, "index": cell.index, "case": cell.case, "axes": dict(cell.axes),
-            "record": plan.record.to_json(), "images": names, "metrics": cell_metrics(job.out, names, plan.record, nets)}
-
-
-def sweep(spec: dict, job: Job, overrides: dict | None = None) -> list[Cell]:
-    """Check every cell, run this shard's unfinished ones (CLIP and DINO from the job's folders,
-    skipped with a note where absent), then write the tables and sheets from every shard's results
-    so far."""
-    count = shape(spec)[3]
-    if 1000 <= count <= MAX_CELLS:       # building and checking them takes a while: say how many first
-        print(f"sweep: checking {count:,} cells", file=sys.stderr)
-    every = cells(spec, overrides)
-    position = {case["name"]: i for i, case in enumerate(spec["cases"])}
-    for cell, e in grid.refusals(every, job.weights, job.architecture()):
-        raise InputError(f"spec.cases[{position[cell.case]}] ({cell.case}, cell {cell.index}): {e}")
-    region, threshold = spec.get("region", "blend"), spec.get("region_threshold", 0.3)
-    grid.run_cells(every, job, f"sweep: {len(every)} cells",
-                   lambda sd, cell, nets: run_cell(sd, cell, job, nets, region, threshold),
-                   inversions=any(c.record.image for c in every))
-    report(spec, every, job.out)
-    return every
+            "record": plan.record.to_json(), "images": names,
+            "metrics": cell_metrics(job.out, names, plan.record, nets)}
 
 
 # ---- tables and sheets ------------------------------------------------------------------
@@ -335,3 +318,24 @@ def sheet(spec: dict, every: list[Cell], done: dict, axis: str, out: Path) -> Pa
     path = out / f"sheet-{axis}.png"
     output.save_image(path, viz.stack(rows), {"software": "p2p sweep", "axis": axis})
     return path
+
+
+# ---- the sweep ---------------------------------------------------------------------------
+
+def sweep(spec: dict, job: Job, overrides: dict | None = None) -> list[Cell]:
+    """Check every cell, run this shard's unfinished ones (CLIP and DINO from the job's folders,
+    skipped with a note where absent), then write the tables and sheets from every shard's results
+    so far."""
+    count = shape(spec)[3]
+    if 1000 <= count <= MAX_CELLS:       # building and checking them takes a while: say how many first
+        print(f"sweep: checking {count:,} cells", file=sys.stderr)
+    every = cells(spec, overrides)
+    position = {case["name"]: i for i, case in enumerate(spec["cases"])}
+    for cell, e in grid.refusals(every, job.weights, job.architecture()):
+        raise InputError(f"spec.cases[{position[cell.case]}] ({cell.case}, cell {cell.index}): {e}")
+    region, threshold = spec.get("region", "blend"), spec.get("region_threshold", 0.3)
+    grid.run_cells(every, job, f"sweep: {len(every)} cells",
+                   lambda sd, cell, nets: run_cell(sd, cell, job, nets, region, threshold),
+                   inversions=any(c.record.image for c in every))
+    report(spec, every, job.out)
+    return every
