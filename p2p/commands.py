@@ -188,9 +188,10 @@ def sweep(args):
         return
     if args.weights is None:
         raise InputError("--weights is required (only --report works without a model)")
-    sweeps.sweep(spec, args.weights, args.out, grid.shard_of(args.shard), overrides,
-                 lambda: run.load(args.weights, args.device, args.dtype, args.prediction), args.clip,
-                 args.dino, args.prediction)
+    job = grid.Job(args.weights, args.out, grid.shard_of(args.shard),
+                   lambda: run.load(args.weights, args.device, args.dtype, args.prediction),
+                   clip=args.clip, dino=args.dino, prediction=args.prediction)
+    sweeps.sweep(spec, job, overrides)
 
 
 # ---- p2p bench pie ---------------------------------------------------------------------
@@ -200,15 +201,14 @@ def bench(args):
     from .experiment import grid
     overrides = base_fields(args.base)
     methods = args.methods or list(pie.METHODS)   # the benchmark's order
+    job = grid.Job(args.weights, args.out, grid.shard_of(args.shard),
+                   lambda: run.load(args.weights, args.device, args.dtype, args.prediction),
+                   args.clip, args.dino, args.lpips, args.prediction)
     if args.report:
-        _, every, skipped = pie.plan(args.data, args.types, args.limit, methods, overrides, args.weights,
-                                     args.out, args.prediction)
+        _, every, skipped = pie.plan(args.data, args.types, args.limit, methods, overrides, job)
         pie.report(every, skipped, methods, args.out)
         return
-    table = pie.bench(args.data, args.weights, args.out, methods, args.types, args.limit,
-                      grid.shard_of(args.shard), overrides,
-                      lambda: run.load(args.weights, args.device, args.dtype, args.prediction),
-                      args.clip, args.dino, args.lpips, args.prediction)
+    table = pie.bench(args.data, job, methods, args.types, args.limit, overrides)
     print(table.read_text(encoding="utf-8").split("\n\n## ")[0])
 
 

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from p2p.eval import metrics, pie
+from p2p.experiment import grid
 from p2p.cli import main
 
 from conftest import GOLDEN
@@ -119,14 +120,14 @@ def test_background_scores_mask_both_images_over_the_whole_image():
     b[:, 8:12, 8:12] = 1.0                         # inside the edit region: not counted
     mask = torch.zeros(16, 16, dtype=torch.bool)
     mask[8:12, 8:12] = True
-    inside = pie.score(a, b, mask, "x", pie.Nets())
+    inside = pie.score(a, b, mask, "x", grid.Nets())
     assert inside["mse"] == 0 and inside["psnr"] == math.inf and inside["ssim"] == pytest.approx(1.0)
     b[:, 0, 0] = 0.0                               # one background pixel off by 0.5 in each channel
-    outside = pie.score(a, b, mask, "x", pie.Nets())
+    outside = pie.score(a, b, mask, "x", grid.Nets())
     assert outside["mse"] == pytest.approx(0.25 / 256)           # over all 16 x 16 pixels, the masked ones too
     assert outside["psnr"] == pytest.approx(10 * math.log10(256 / 0.25))
     assert metrics.mse(a, b, mask) == pytest.approx(0.25 / 240)  # the sweep's region metric counts 240 pixels
-    everything = pie.score(a, b, torch.ones(16, 16, dtype=torch.bool), "x", pie.Nets())
+    everything = pie.score(a, b, torch.ones(16, 16, dtype=torch.bool), "x", grid.Nets())
     assert all(math.isnan(everything[k]) for k in ("psnr", "mse", "ssim")) and "lpips" not in everything
 
 
@@ -230,6 +231,24 @@ def test_no_inversion_is_left_behind_and_absent_lpips_has_no_column(tiny_file, t
     assert not (out / "inversions").exists()
     table = (out / "table.md").read_text()
     assert "LPIPS ×10³" not in table and "| Null-text + P2P | - | - | - |" in table   # type 9: all masked
+
+
+def test_the_photos_are_edited_at_the_models_native_size(tiny_folder, tmp_path, monkeypatch):
+    """The protocol's records leave the size to the model: a model native to 768 px (unet/config.json's
+    sample_size 96) edits at 768, with the blend resolution that scales with it, as the check plans it."""
+    import shutil
+    from p2p.experiment import run
+    folder = tmp_path / "w768"
+    shutil.copytree(tiny_folder, folder)
+    config = folder / "unet" / "config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"sample_size": 96}))
+    plans, real = [], run.prepare
+    monkeypatch.setattr(run, "prepare", lambda *a, **k: plans.append(real(*a, **k)) or plans[-1])
+    _, every, skipped = pie.plan(write_set(tmp_path / "pie"), [1], None, ["ddim"], {"steps": 1},
+                                 grid.Job(folder, tmp_path / "out"))
+    assert [c.record.height for c in every] == [None] and skipped == {}
+    (plan,) = plans
+    assert (plan.record.height, plan.record.width, plan.record.blend_res) == (768, 768, 24)
 
 
 @pytest.mark.parametrize("base, words", [

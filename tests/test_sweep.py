@@ -83,16 +83,17 @@ def test_a_sweep_resumes_where_it_was_stopped_and_its_summary_is_the_saved_image
 
     monkeypatch.setattr(sweep, "run_cell", stops_after_five)
     with pytest.raises(KeyboardInterrupt):
-        sweep.sweep(spec, tiny_file, out, load_model=lambda: sd)
+        sweep.sweep(spec, grid.Job(tiny_file, out, load_model=lambda: sd))
     assert len((out / "results.jsonl").read_text().splitlines()) == 5
     with open(out / "results.jsonl", "a") as f:
         f.write('{"key": "torn')                                   # a line cut off by a kill
     monkeypatch.setattr(sweep, "run_cell", lambda sd, cell, *a: ran.append(cell.key) or real(sd, cell, *a))
-    every = sweep.sweep(spec, tiny_file, out, load_model=lambda: sd)
+    every = sweep.sweep(spec, grid.Job(tiny_file, out, load_model=lambda: sd))
     assert len(ran) == 16 and len(set(ran)) == 16              # the first five were not run again
     done = grid.read_results(out)
     assert set(done) == {c.key for c in every}
-    assert sweep.sweep(spec, tiny_file, out, load_model=lambda: pytest.fail("nothing is left to run")) == every
+    nothing = grid.Job(tiny_file, out, load_model=lambda: pytest.fail("nothing is left to run"))
+    assert sweep.sweep(spec, nothing) == every
 
     # every metric is what the saved images give, and summary.md is their mean per axis value
     for row in done.values():
@@ -110,7 +111,7 @@ def test_a_sweep_resumes_where_it_was_stopped_and_its_summary_is_the_saved_image
                         and summary.index(line) > summary.index(f"## {axis}"))
             cells = [c.strip() for c in line.strip("|").split("|")]
             assert cells[1] == str(len(rows))
-            assert cells[4] == sweep.mean_sd([m["ssim"] for r in rows for m in r["metrics"]])
+            assert cells[4] == grid.figure([m["ssim"] for r in rows for m in r["metrics"]])
     assert "16 of 16 cells done" in summary
     csv_rows = (out / "results.csv").read_text().splitlines()
     assert csv_rows[0] == "key,case,cross_sites,self_max_tokens,seed,target,mse,psnr,ssim,locality"
@@ -167,7 +168,7 @@ def test_clip_and_dino_metrics_join_when_their_weights_are_there(tiny_file, nets
                  "--dino", str(nets / metrics.DINO_FOLDER)])
     assert code == 0, capsys.readouterr().err
     rows = grid.read_results(tmp_path / "with")
-    net = sweep.Nets(metrics.Clip.load(nets / metrics.CLIP_FOLDER), metrics.Dino.load(nets / metrics.DINO_FOLDER))
+    net = grid.Nets(metrics.Clip.load(nets / metrics.CLIP_FOLDER), metrics.Dino.load(nets / metrics.DINO_FOLDER))
     for row in rows.values():
         record = sweep.record.from_json(row["record"])
         assert row["metrics"] == sweep.cell_metrics(tmp_path / "with", row["images"], record, net)
@@ -182,7 +183,7 @@ def test_edited_words_and_an_attention_region(tiny_file, tmp_path):
     assert metrics.edited_words(refine, HOUSE + " at winter") == ["at", "winter"]
     spec = {"base": SPEC["base"], "cases": [{"name": "cat", "source": CAT, "targets": [DOG], "mode": "replace"}],
             "axes": {"seed": [0]}, "region": "attention", "region_threshold": 0.5}
-    sweep.sweep(spec, tiny_file, tmp_path / "s", load_model=lambda: load(tiny_file))
+    sweep.sweep(spec, grid.Job(tiny_file, tmp_path / "s", load_model=lambda: load(tiny_file)))
     (row,) = grid.read_results(tmp_path / "s").values()
     region = metrics.as_tensor(Image.open(tmp_path / "s" / row["images"]["regions"][0]))[0] > 0.5
     assert 0 < region.float().mean() < 1 and "locality" in row["metrics"][0]
@@ -199,6 +200,13 @@ def test_the_sweep_folder_is_made_with_its_parents(tiny_file, tmp_path, capsys):
     assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("wrote")] == [
         f"wrote {out / 'results.jsonl'} (+1 cells) and their images in {out / 'cells'}",
         f"wrote {out / 'results.csv'}", f"wrote {out / 'summary.md'}", f"wrote {out / 'sheet-seed.png'}"]
+    (row,) = grid.read_results(out).values()             # each image re-runs as a `p2p edit` output does
+    target = out / row["images"]["targets"][0]
+    assert main(["edit", "--weights", str(tiny_file), "--recipe", str(target), "--out", str(tmp_path / "again.png")]) \
+        == 0, capsys.readouterr().err
+    with Image.open(tmp_path / "again.png") as again, Image.open(target) as cell:   # the row: source, target
+        x = cell.width + sweep.viz.GAP
+        assert again.crop((x, 0, x + cell.width, cell.height)).tobytes() == cell.convert("RGB").tobytes()
     (tmp_path / "file").write_text("")
     assert main(["sweep", str(tmp_path / "spec.json"), "--weights", str(tiny_file),
                  "--out", str(tmp_path / "file" / "x")]) == 2
@@ -329,8 +337,37 @@ def test_a_photo_case_keeps_its_photo_beside_its_reconstruction(tiny, tiny_file,
     spec = {"base": {"steps": 2, "height": 64, "width": 64, "method": "ddim"}, "axes": {"seed": [0]},
             "cases": [{"name": "photo", "source": HOUSE, "targets": [HOUSE + " at winter"], "mode": "refine",
                        "image": str(tmp_path / "photo.png")}]}
-    sweep.sweep(spec, tiny_file, tmp_path / "s", load_model=lambda: tiny)
+    sweep.sweep(spec, grid.Job(tiny_file, tmp_path / "s", load_model=lambda: tiny))
     (row,) = grid.read_results(tmp_path / "s").values()
     saved = np.asarray(Image.open(tmp_path / "s" / row["images"]["photo"]), dtype=int)
     assert np.abs(saved - pixels).max() <= 1                   # the photo as the model saw it (8-bit round trip)
     assert (np.asarray(Image.open(tmp_path / "s" / row["images"]["source"]), dtype=int) != saved).any()
+
+
+def native_768(tiny_folder, tmp_path):
+    """The tiny diffusers folder with unet/config.json's sample_size 96: a model native to 768 px."""
+    import shutil
+    folder = tmp_path / "w768"
+    shutil.copytree(tiny_folder, folder)
+    config = folder / "unet" / "config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"sample_size": 96}))
+    return folder
+
+
+def test_a_sweep_takes_the_models_native_size(tiny_folder, tmp_path, monkeypatch):
+    """A case that leaves the size out is planned at the model's size, with the blend resolution that
+    scales with it (sweeps used to sample at 512 whatever the model); the check's plans are the
+    cells' (sampling at 768 would take a minute)."""
+    from p2p.experiment import run
+    plans, real = [], run.prepare
+    monkeypatch.setattr(run, "prepare", lambda *a, **k: plans.append(real(*a, **k)) or plans[-1])
+    spec = {"base": {"steps": 1}, "cases": [SPEC["cases"][0]], "axes": {"seed": [0]}}
+
+    def stop():
+        raise KeyboardInterrupt                     # every cell checked: no need to sample
+
+    with pytest.raises(KeyboardInterrupt):
+        sweep.sweep(spec, grid.Job(native_768(tiny_folder, tmp_path), tmp_path / "s", load_model=stop))
+    (plan,) = plans
+    r = plan.record
+    assert (r.height, r.width, r.blend_res, r.self_max_tokens) == (768, 768, 24, 576)

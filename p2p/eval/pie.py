@@ -7,10 +7,13 @@ original_prompt and editing_prompt (words in [ ] mark the difference; the bracke
 stripped), editing_instruction, editing_type_id ("0".."9"), blended_word ("SRC TGT" or "") and
 mask: run-length pairs [start, length, ...] over the row-major 512 x 512 grid, 1 = edited.
 
-Every (photo, method) pair is one cell, numbered photos outermost; cells are sharded, appended
-to results*.jsonl and resumed as a sweep's are (p2p/experiment/sweep.py). The tables (table.md) and the
-contact sheet (sheet.png) are made from the results files alone.
+Every (photo, method) pair is one cell, numbered photos outermost; cells are checked, sharded,
+appended to results*.jsonl and resumed as a sweep's are (p2p/experiment/grid.py). A cell's files are
+cells/KEY.photo.png, KEY.source.png (the reconstruction) and KEY.target0.png (the edit), each with
+its whole record as `p2p edit` writes it; the edit's size is the model's native one unless --base
+gives it. The tables (table.md) and the contact sheet (sheet.png) are made from the results files alone.
 """
+import dataclasses
 import json
 import math
 import statistics
@@ -21,13 +24,12 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from models import InputError
-from models.checkpoint import load
 
 from . import metrics
-from ..experiment import output, photo, record, run, grid, sweep
+from ..experiment import grid, output, photo, record, run
+from ..experiment.grid import Cell, Job, Nets
 from .. import sampler, viz
 from .memory import PeakMemory
 from ..experiment.record import Experiment
@@ -40,11 +42,11 @@ KEYS = ("image_path", "original_prompt", "editing_prompt", "editing_type_id", "b
 
 # PnPInversion's run_editing_p2p.py: refine, cross 0.4, self 0.6 (self-attention up to 32 x 32, as
 # the null-text notebook), local blend on the blended words from step 0.2 at threshold 0.3, the
-# target's blended word re-weighted x2, 50 DDIM steps, guidance 7.5. Our own defaults differ.
+# target's blended word re-weighted x2, 50 DDIM steps, guidance 7.5, at 512 px (SD v1's native size: the
+# size is left to the model, as the blend resolution). Our own defaults differ.
 # Not followed: its DDIM scheduler has no steps offset (timesteps 980 .. 0), where p2p runs SD's 981 .. 1.
 PROTOCOL = {"mode": "refine", "cross_steps": 0.4, "self_steps": 0.6, "self_max_tokens": 1024,
-            "blend_threshold": 0.3, "steps": 50, "guidance": 7.5, "inner_steps": 10,
-            "height": SIZE, "width": SIZE, "sampler": "ddim"}
+            "blend_threshold": 0.3, "steps": 50, "guidance": 7.5, "inner_steps": 10, "sampler": "ddim"}
 
 # the table's columns, in the PnPInversion paper's order: (result key, heading with the better direction, scale)
 COLUMNS = (("structure", "Structure distance ×10³ ↓", 1e3), ("psnr", "PSNR ↑", 1), ("lpips", "LPIPS ×10³ ↓", 1e3),
@@ -140,13 +142,6 @@ def protocol(item: Item, method: str, overrides: dict | None = None, where: str 
 
 # ---- the metrics, as PIE-Bench's evaluation computes them -------------------------------------
 
-@dataclass
-class Nets:
-    clip: metrics.Clip | None = None
-    dino: metrics.Dino | None = None
-    lpips: object | None = None                # p2p.lpips.Lpips
-
-
 def score(photo, edited, mask: torch.Tensor, target: str, nets: Nets) -> dict[str, float]:
     """PIE-Bench's scores of an edit against its photo ([3, H, W] in [0, 1]; mask [H, W], True =
     edited). The background metrics compare both images times (1 - mask) over the whole image, so
@@ -177,9 +172,10 @@ ITEM_FIELDS = {"source": "original_prompt", "targets": "editing_prompt", "image"
                "inversion": "image_path", "blend": "blended_word", "reweight": "blended_word", "method": "--methods"}
 
 
-def check_overrides(overrides: dict, methods: list[str]):
+def check_overrides(overrides: dict, methods: list[str], architecture):
     """What --base changes for every photo, checked once on a stand-in item (with and without a
-    blended word), so a bad value is refused, not found wrong in every photo and skipped 700 times."""
+    blended word, the size the model's where --base leaves it), so a bad value is refused, not
+    found wrong in every photo and skipped 700 times."""
     for name in overrides:
         if name in ITEM_FIELDS:
             raise InputError(f"--base {name}: each photo's {ITEM_FIELDS[name]} sets it"
@@ -187,51 +183,32 @@ def check_overrides(overrides: dict, methods: list[str]):
     for method in methods:
         for blended in (None, ("cat", "dog")):
             r = protocol(Item("", Path("photo.png"), "a cat", "a dog", "", 0, blended, ()), method, overrides, "--base")
-            sampler.check_size(r.height, r.width, r.steps)
-            if r.height != r.width:
-                raise InputError(f"--base: photos are edited square, got width {r.width} and height {r.height}")
-            photo.check_settings(method, r.steps, r.height)
+            size = run.defaults(architecture, r.height, r.width)
+            height, width = size["height"], size["width"]
+            sampler.check_size(height, width, r.steps)
+            if height != width:
+                raise InputError(f"--base: photos are edited square, got width {width} and height {height}")
+            photo.check_settings(method, r.steps, height)
 
 
-def cells(items: list[Item], methods: list[str], overrides: dict | None, weights: Path, out: Path,
-          prediction: str | None = None) -> tuple[list[sweep.Cell], dict]:
+def cells(items: list[Item], methods: list[str], overrides: dict | None, job: Job) -> tuple[list[Cell], dict]:
     """Every (item, method) cell, checked without the model, and the items skipped with why (a
     blended word missing from its prompt, where PnPInversion's code blends with an empty map)."""
-    check_overrides(overrides or {}, methods)
-    out_cells, skipped = [], {}
-    architecture = load(weights, "meta", prediction=prediction)     # once: its headers are read for it
-    for i, item in enumerate(items):
+    architecture = job.architecture()     # once: its headers are read for it
+    check_overrides(overrides or {}, methods, architecture)
+    every, skipped = [], {}
+    for item in items:
         try:
             records = [protocol(item, m, overrides) for m in methods]
-            for r in records:
-                run.prepare(r, weights, model=architecture)
         except InputError as e:
             skipped[item.id] = str(e)
             continue
-        out_cells += [sweep.Cell(len(out_cells) + j, i, item.id, (("method", m),), r)
-                      for j, (m, r) in enumerate(zip(methods, records))]
-    return out_cells, skipped
-
-
-def run_cell(sd, cell: sweep.Cell, item: Item, weights: Path, out: Path, nets: Nets) -> dict:
-    """Invert and edit one photo with one method, save photo, reconstruction and edit, score them."""
-    r = cell.record
-    # no cache_dir: the inversion is not kept (a null-text inversion is 12 MB, and there are 700 photos)
-    plan = run.prepare(r, weights, run.Outputs(software="p2p bench pie"), model=sd)
-    start = time.perf_counter()
-    with PeakMemory(sd.device) as memory:
-        result = run.run(sd, plan)
-    seconds = time.perf_counter() - start
-    meta = result.metadata
-    method = r.method
-    names = {"photo": f"cells/{item.id}.photo.png", "reconstruction": f"cells/{item.id}.{method}.reconstruction.png",
-             "edit": f"cells/{item.id}.{method}.edit.png"}
-    for name, image in zip(names, (result.photo, result.images[0], result.images[1])):
-        output.save_image(out / names[name], image, meta)
-    mask = mask_at(item, r.height)
-    scores = score(sweep.load_png(out / names["photo"]), sweep.load_png(out / names["edit"]), mask, r.targets[0], nets)
-    return {"key": cell.key, "index": cell.index, "id": item.id, "type": item.type, "method": method,
-            "record": r.to_json(), "images": names, "metrics": scores, "seconds": seconds, "peak_mib": memory.mib}
+        every += [Cell(len(every) + j, item.id, (("method", m),), r) for j, (m, r) in enumerate(zip(methods, records))]
+    for cell, e in grid.refusals(every, job.weights, architecture):
+        skipped.setdefault(cell.case, str(e))
+    kept = [c for c in every if c.case not in skipped]          # numbered again, so the shards stay even
+    return ([dataclasses.replace(c, index=i) for i, c in enumerate(kept)],
+            {item.id: skipped[item.id] for item in items if item.id in skipped})
 
 
 def mask_at(item: Item, size: int) -> torch.Tensor:
@@ -242,43 +219,24 @@ def mask_at(item: Item, size: int) -> torch.Tensor:
     return torch.nn.functional.interpolate(mask[None, None].float(), size=(size, size))[0, 0] > 0.5
 
 
-def bench(data: Path, weights: Path, out: Path, methods: list[str], types: list[int] | None = None,
-          limit: int | None = None, shard=(0, 1), overrides: dict | None = None, load_model=None,
-          clip=None, dino=None, lpips=None, prediction: str | None = None) -> Path:
-    """Run this shard's unfinished cells, then write table.md and sheet.png from every shard's
-    results; returns the table's path."""
-    items, every, skipped = plan(data, types, limit, methods, overrides, weights, out, prediction)
-    grid.make_folder(out)
-    k, n = shard
-    with grid.hold(out, shard):
-        done = grid.read_results(out)
-        todo = [c for c in every if c.index % n == k and c.key not in done]
-        print(f"pie: {len({c.case for c in every})} photos x {len(methods)} methods ({len(skipped)} photos "
-              f"skipped), {sum(c.index % n == k for c in every)} cells in shard {k}/{n}, {len(todo)} to run",
-              file=sys.stderr)
-        if todo:
-            from .lpips import Lpips
-            sd, path = load_model(), grid.results_file(out, shard)
-            nets = Nets(metrics.Clip.load(clip) if clip else None, metrics.Dino.load(dino) if dino else None,
-                        Lpips.load(lpips) if lpips else None)
-            by_id = {item.id: item for item in items}
-            for cell in tqdm(todo, desc="photos x methods", file=sys.stderr):
-                grid.append(path, run_cell(sd, cell, by_id[cell.case], weights, out, nets))
-            print(f"wrote {path} (+{len(todo)} cells) and their images in {out / 'cells'}", file=sys.stderr)
-    return report(every, skipped, methods, out)
-
-
-def plan(data: Path, types, limit, methods, overrides, weights, out, prediction=None) -> tuple[list, list, dict]:
-    """The chosen items, their cells and the items skipped (by id: why); refused when no cell is left."""
-    read_items, bad = read(data)
-    items, skipped = select(read_items, bad, types, limit)
-    every, unusable = cells(items, methods, overrides, weights, out, prediction)
-    skipped |= unusable
-    if not every:
-        first = next(iter(skipped.items()))
-        raise InputError(f"no photo left to edit: all {len(skipped)} skipped ({first[0]}: {first[1]}"
-                         + (", ..." if len(skipped) > 1 else "") + ")")
-    return items, every, skipped
+def run_cell(sd, cell: Cell, item: Item, job: Job, nets: Nets) -> dict:
+    """Invert and edit one photo with one method, save photo, reconstruction and edit (each with
+    the record, as `p2p edit` writes them), score them."""
+    # no cache_dir: the inversion is not kept (a null-text inversion is 12 MB, and there are 700 photos)
+    outputs = run.Outputs(tiles=job.out / "cells" / cell.key, software="p2p bench pie")
+    plan = run.prepare(cell.record, job.weights, outputs, model=sd)
+    start = time.perf_counter()
+    with PeakMemory(sd.device) as memory:
+        result = run.run(sd, plan)
+    seconds = time.perf_counter() - start
+    run.write(result, plan.outputs)
+    r = plan.record
+    names = {"photo": grid.tile(cell, "photo"), "reconstruction": grid.tile(cell, "source"),
+             "edit": grid.tile(cell, "target0")}
+    edited = grid.load_png(job.out / names["edit"])
+    scores = score(grid.load_png(job.out / names["photo"]), edited, mask_at(item, r.height), r.targets[0], nets)
+    return {"key": cell.key, "index": cell.index, "id": item.id, "type": item.type, "method": r.method,
+            "record": r.to_json(), "images": names, "metrics": scores, "seconds": seconds, "peak_mib": memory.mib}
 
 
 def select(items: list[Item], bad: dict, types: list[int] | None, limit: int | None) -> tuple[list[Item], dict]:
@@ -297,16 +255,32 @@ def select(items: list[Item], bad: dict, types: list[int] | None, limit: int | N
     return chosen, skipped
 
 
+def plan(data: Path, types, limit, methods, overrides, job: Job) -> tuple[list, list, dict]:
+    """The chosen items, their cells and the items skipped (by id: why); refused when no cell is left."""
+    read_items, bad = read(data)
+    items, skipped = select(read_items, bad, types, limit)
+    every, unusable = cells(items, methods, overrides, job)
+    skipped |= unusable
+    if not every:
+        first = next(iter(skipped.items()))
+        raise InputError(f"no photo left to edit: all {len(skipped)} skipped ({first[0]}: {first[1]}"
+                         + (", ..." if len(skipped) > 1 else "") + ")")
+    return items, every, skipped
+
+
+def bench(data: Path, job: Job, methods: list[str], types: list[int] | None = None, limit: int | None = None,
+          overrides: dict | None = None) -> Path:
+    """Check every cell, run this shard's unfinished ones, then write table.md and sheet.png from
+    every shard's results; returns the table's path."""
+    items, every, skipped = plan(data, types, limit, methods, overrides, job)
+    by_id = {item.id: item for item in items}
+    what = (f"pie: {len({c.case for c in every})} photos x {len(methods)} methods ({len(skipped)} photos skipped), "
+            f"{len(every)} cells")
+    grid.run_cells(every, job, what, lambda sd, cell, nets: run_cell(sd, cell, by_id[cell.case], job, nets))
+    return report(every, skipped, methods, job.out)
+
+
 # ---- the tables and the sheet ----------------------------------------------------------------
-
-def figure(values: list[float], scale: float) -> str:
-    values = [v for v in values if not math.isnan(v)]
-    if not values:
-        return "-"
-    if any(math.isinf(v) for v in values):
-        return f"inf ({sum(map(math.isinf, values))} of {len(values)})"
-    return f"{statistics.fmean(values) * scale:.2f}"
-
 
 def table(rows: list[dict], methods: list[str]) -> list[str]:
     """Markdown: one line per method, the mean of each metric over the rows (nan excluded)."""
@@ -317,14 +291,15 @@ def table(rows: list[dict], methods: list[str]) -> list[str]:
         mine = [r for r in rows if r["method"] == m]
         if not mine:
             continue
-        cols = [figure([r["metrics"].get(key, math.nan) for r in mine], scale) for key, _, scale in names]
+        cols = [grid.figure([r["metrics"].get(key, math.nan) for r in mine], scale, spread=False)
+                for key, _, scale in names]
         seconds, peak = statistics.fmean(r["seconds"] for r in mine), max(r["peak_mib"] for r in mine)
         lines.append("| " + " | ".join([f"{METHODS[m]} + P2P", *cols, f"{seconds:.1f}", f"{peak:.0f}", str(len(mine))])
                      + " |")
     return lines
 
 
-def report(every: list[sweep.Cell], skipped: dict, methods: list[str], out: Path) -> Path:
+def report(every: list[Cell], skipped: dict, methods: list[str], out: Path) -> Path:
     """table.md (the PnPInversion paper's layout, then one table per editing type) and sheet.png,
     each named as written; returns the table's path."""
     if not out.is_dir():

@@ -1,19 +1,73 @@
-"""The folder of a sweep or a benchmark, shared by many processes: which cells a process takes
-(its shard: --shard K/N, torchrun's RANK/WORLD_SIZE or a SLURM array's variables), the results
-files it appends each finished cell to and resumes from, its lock on its shard while it runs,
-and whole-or-nothing writes of the tables made from them.
+"""The folder of a sweep or a benchmark, shared by many processes, and what both run in it: cells
+(one experiment record each), checked before the model loads; which cells a process takes (its
+shard: --shard K/N, torchrun's RANK/WORLD_SIZE or a SLURM array's variables); the results files it
+appends each finished cell to and resumes from, its lock on its shard while it runs; the metrics'
+networks; and the tables' figures, written whole or not at all.
+p2p/experiment/sweep.py and p2p/eval/pie.py each make their cells, run one, and tabulate the results.
 """
 import contextlib
 import fcntl
+import hashlib
 import json
+import math
 import os
 import re
 import socket
+import statistics
 import sys
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
+import torch
+from PIL import Image
+from tqdm import tqdm
+
 from models import InputError
+from models.checkpoint import StableDiffusion, load
+
+from ..eval import metrics
+from ..eval.lpips import Lpips
+from . import run
+from .record import Experiment
+
+
+@dataclass(frozen=True)
+class Cell:
+    index: int                                # its place in the grid's fixed order: shards take index % N
+    case: str                                 # a sweep's case name, a benchmark's photo id
+    axes: tuple[tuple[str, object], ...]      # (field, JSON value) in the spec's order
+    record: Experiment                        # as the spec gives it: fields left to the model are None
+
+    @cached_property
+    def key(self) -> str:
+        """16 hex digits naming the cell by its record alone, so a changed spec never reuses a result."""
+        return hashlib.sha256(json.dumps(self.record.to_json(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def tile(cell: Cell, name: str) -> str:
+    """One of a cell's images (source, target0, photo, ...), relative to the folder, as run.write names
+    it for the Outputs tiles=OUT/cells/KEY."""
+    return f"cells/{cell.key}.{name}.png"
+
+
+@dataclass(frozen=True)
+class Job:
+    """What a run of a grid needs besides its cells; p2p/commands.py builds it from the flags."""
+    weights: Path | None
+    out: Path                                 # the folder: results*.jsonl, cells/, the tables
+    shard: tuple[int, int] = (0, 1)           # (K, N) from shard_of
+    load_model: Callable[[], StableDiffusion] | None = None   # called only when a cell is left to run
+    clip: Path | None = None                  # the metrics' networks (None: not measured)
+    dino: Path | None = None
+    lpips: Path | None = None
+    prediction: str | None = None             # what the UNet predicts, where the checkpoint cannot say
+
+    def architecture(self) -> StableDiffusion:
+        """The checkpoint's architecture, read off its headers (no weights are read)."""
+        return load(self.weights, "meta", prediction=self.prediction)
 
 
 def shard_of(text: str | None) -> tuple[int, int]:
@@ -47,6 +101,25 @@ def shard_of(text: str | None) -> tuple[int, int]:
         raise InputError(f"{given}: shard {k} of {n}; need 0 <= K < N")
     return k, n
 
+
+def refusals(every: list[Cell], weights: Path, architecture: StableDiffusion) -> Iterator[tuple[Cell, InputError]]:
+    """Each cell run.prepare refuses, with why: every cell's words, sizes, photo and layers checked
+    before the model loads, against its `architecture` (Job.architecture). Cells that differ only in
+    their seed are checked once."""
+    checked = {}
+    for cell in tqdm(every, desc="checking cells", file=sys.stderr, disable=len(every) < 1000):
+        unseeded = json.dumps({**cell.record.to_json(), "seed": 0}, sort_keys=True)
+        if unseeded not in checked:
+            try:
+                run.prepare(cell.record, weights, model=architecture)   # (out/inversions is made later)
+                checked[unseeded] = None
+            except InputError as e:
+                checked[unseeded] = e
+        if checked[unseeded] is not None:
+            yield cell, checked[unseeded]
+
+
+# ---- the folder ----------------------------------------------------------------------------
 
 def results_file(out: Path, shard: tuple[int, int]) -> Path:
     k, n = shard
@@ -149,6 +222,66 @@ def lock_count(name: str) -> int:
     """N of a lock file's name: results.K-of-N.lock, or 1 for results.lock (and any other name)."""
     match = re.fullmatch(r"results\.\d+-of-(\d+)\.lock", name)
     return int(match[1]) if match else 1
+
+
+# ---- running the cells ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Nets:
+    """The networks of the metrics that need one; None where not asked for or absent."""
+    clip: metrics.Clip | None = None
+    dino: metrics.Dino | None = None
+    lpips: Lpips | None = None
+
+    @classmethod
+    def load(cls, job: Job) -> "Nets":
+        """Each network from its path in the job, skipped with a note where its weights are absent."""
+        return cls(job.clip and metrics.Clip.load(job.clip), job.dino and metrics.Dino.load(job.dino),
+                   job.lpips and Lpips.load(job.lpips))
+
+
+def load_png(path: Path) -> torch.Tensor:
+    """A saved image as the metrics take it: [3, H, W] in [0, 1]."""
+    with Image.open(path) as image:
+        return metrics.as_tensor(image)
+
+
+def run_cells(every: list[Cell], job: Job, what: str, run_cell: Callable[[StableDiffusion, Cell, Nets], dict],
+              inversions: bool = False):
+    """Run this shard's unfinished cells in job.out, appending each one's results row as it finishes:
+    the folder made (with inversions/), the shard's lock held, the model and the metrics' networks
+    loaded only if a cell is left. `what` begins the line that says how many; `run_cell(sd, cell,
+    nets)` runs one and returns its row."""
+    make_folder(job.out, inversions)
+    k, n = job.shard
+    with hold(job.out, job.shard):
+        done = read_results(job.out)
+        mine = [c for c in every if c.index % n == k]
+        todo = [c for c in mine if c.key not in done]
+        print(f"{what}, {len(mine)} in shard {k}/{n}, {len(todo)} to run", file=sys.stderr)
+        if not todo:
+            return
+        sd, nets, path = job.load_model(), Nets.load(job), results_file(job.out, job.shard)
+        for cell in tqdm(todo, desc="cells", file=sys.stderr):
+            append(path, run_cell(sd, cell, nets))
+        print(f"wrote {path} (+{len(todo)} cells) and their images in {job.out / 'cells'}", file=sys.stderr)
+
+
+# ---- the tables -----------------------------------------------------------------------------
+
+def figure(values: list[float], scale: float = 1.0, spread: bool = True) -> str:
+    """The mean of `values` (nan left out) times `scale`: with their standard deviation, "mean ± sd"
+    to 4 and 2 significant digits (a sweep's summary), or alone to 2 decimals (`spread` False:
+    PIE-Bench's tables); "-" where none is a number, "inf" where all are infinite, else how many are."""
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return "-"
+    if any(math.isinf(v) for v in values):
+        return "inf" if all(math.isinf(v) for v in values) else f"inf ({sum(map(math.isinf, values))} of {len(values)})"
+    if not spread:
+        return f"{statistics.fmean(values) * scale:.2f}"
+    sd = statistics.stdev(values) * abs(scale) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values) * scale:.4g} ± {sd:.2g}"
 
 
 def write_text(path: Path, text: str):
