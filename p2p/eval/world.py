@@ -96,7 +96,7 @@ def scene(seed: int, index: int, size: int = 64) -> Scene:
     if name_background:
         words += ["on", "a", background, "background"]
     # positions: uniform inside the image, redrawn until the objects are clear of each other
-    # (two big ones fit about one draw in twelve; a thousand draws never all fail in practice)
+    # (two big ones fit about one draw in nine: a thousand draws all fail with odds 1e-51)
     for _ in range(1000):
         placed = [replace(t, centre=tuple(float(c) for c in rng.uniform(MARGIN + t.radius, 1 - MARGIN - t.radius, 2)))
                   for t in things]
@@ -107,23 +107,15 @@ def scene(seed: int, index: int, size: int = 64) -> Scene:
     return Scene(" ".join(words), size, background, tuple(placed), len(words) - 2 if name_background else None)
 
 
-def outline(thing: Thing, side: int) -> list[tuple[float, float]] | None:
-    """The polygon of a square or triangle in pixels of a `side`-pixel image; None for a circle."""
+def draw(canvas: ImageDraw.ImageDraw, thing: Thing, side: int, fill):
+    """One object on a `side`-pixel canvas: a circle fills its circle of radius r; the square's
+    corners (at 45 degrees) and the triangle's (pointing up) lie on it."""
     x, y, r = thing.centre[0] * side, thing.centre[1] * side, thing.radius * side
     if thing.shape == "circle":
-        return None
-    # the square's corners at 45 degrees, the triangle pointing up: all on the circle of radius r
-    angles = {"square": (45, 135, 225, 315), "triangle": (-90, 30, 150)}[thing.shape]
-    return [(x + r * np.cos(np.radians(a)), y + r * np.sin(np.radians(a))) for a in angles]
-
-
-def draw(canvas: ImageDraw.ImageDraw, thing: Thing, side: int, fill):
-    points = outline(thing, side)
-    if points is None:
-        x, y, r = thing.centre[0] * side, thing.centre[1] * side, thing.radius * side
         canvas.ellipse((x - r, y - r, x + r, y + r), fill=fill)
-    else:
-        canvas.polygon(points, fill=fill)
+        return
+    angles = {"square": (45, 135, 225, 315), "triangle": (-90, 30, 150)}[thing.shape]
+    canvas.polygon([(x + r * np.cos(np.radians(a)), y + r * np.sin(np.radians(a))) for a in angles], fill=fill)
 
 
 def render(scene: Scene, size: int | None = None) -> tuple[Image.Image, list[np.ndarray]]:
