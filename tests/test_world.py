@@ -38,6 +38,8 @@ def test_every_vocabulary_word_is_one_clip_token():
     assert {w for s in SCENES for w in s.words} <= words
     for word in words:
         assert len(tok(word).input_ids) == 3, word          # start, the word, end
+    # "a" before every attribute: "an" would make swapping in a vowel word change two words
+    assert not any(w[0] in "aeiou" for w in {*world.COLOURS, *world.BACKGROUNDS, *world.SHAPES, *world.SIZES})
 
 
 def test_item_i_of_a_seed_is_the_same_scene_and_image_every_time():

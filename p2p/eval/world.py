@@ -22,9 +22,9 @@ from ..experiment import grid, output
 from .pie import SIZE as PIE_SIZE, TYPES
 
 PALETTE = {"red": (230, 25, 25), "green": (30, 170, 50), "blue": (30, 70, 230), "yellow": (245, 215, 30),
-           "orange": (245, 130, 20), "purple": (140, 50, 190),
+           "pink": (245, 120, 190), "purple": (140, 50, 190),
            "white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128)}
-COLOURS = ("red", "green", "blue", "yellow", "orange", "purple")
+COLOURS = ("red", "green", "blue", "yellow", "pink", "purple")   # no orange: "an" would make a swap two words
 BACKGROUNDS = ("white", "black", "gray")     # apart from COLOURS, so an object never vanishes
 SHAPES = ("circle", "square", "triangle")
 # Radius of the circle each shape fits in (circle fills it, square and triangle have their corners
