@@ -189,12 +189,6 @@ def report(sd, inv: Inversion, z0_rec: torch.Tensor):
           f"reconstruction")
 
 
-def report_latents(inv: Inversion, latents: torch.Tensor):
-    """After an edit: how far its source row (the reconstruction) is from z0."""
-    mse = (latents[:1].cpu() - inv.z0).square().mean().item()
-    print(f"reconstruction (row 0, {inv.settings['method']}): latent MSE {mse:.3e}", file=sys.stderr)
-
-
 # ---- the photo of an edit -----------------------------------------------------------------
 
 HINTS = {"prompt": "the source must be the prompt the photo was inverted with",

@@ -204,15 +204,16 @@ def prepare(record: Experiment, weights: Path, outputs: Outputs = Outputs(), *, 
         shot = photo.prepare(record, model.name, model.fingerprint, cache_dir, model.prediction)
         record = dataclasses.replace(record, **shot.fixed)   # what a given inversion file fixes
     new_cache = shot.cache if shot is not None and shot.inversion is None else None
+    meta = metadata(record, model, outputs.software)   # as run() will write it, less the device's name
+    labels = ["photo", *record.prompts] if shot is not None else record.prompts
+    row = viz.row_size([(record.width, record.height)] * len(labels), labels)
     path = lambda v: v and Path(v)
     output.check_outputs({"--out": (outputs.image, "image"), "--latents-out": (outputs.latents, "tensors"),
                           "--maps-out": (outputs.maps, "image"), "the inversion cache": (new_cache, "tensors")},
                          {"--weights": Path(weights), "--image": path(record.image), "--recipe": recipe,
                           "--inversion": path(record.inversion), "--blend-mask": path(record.blend_mask)})
-    meta = metadata(record, model, outputs.software)   # as run() will write it, less the device's name
-    labels = ["photo", *record.prompts] if shot is not None else record.prompts
     if outputs.image is not None:
-        output.check_image(outputs.image, viz.row_size([(record.width, record.height)] * len(labels), labels), meta)
+        output.check_image(outputs.image, row, meta)
     if outputs.maps is not None:   # (its size is known only once drawn)
         output.check_image(outputs.maps, None, meta | {"maps_res": str(outputs.maps_res)})
     check_model(model, record)
@@ -244,11 +245,12 @@ def run(sd: StableDiffusion, plan: Plan, progress: bool = True) -> Result:
         meta["inversion_method"] = inv.settings["method"]
     latents = sampler.generate(sd, record.prompts, record.seed, record.steps, record.guidance, record.height,
                                record.width, edit=plan.edit, sampler=record.sampler, progress=progress, **start)
+    if inv is not None:   # how far the source row (the reconstruction) is from the photo's latents
+        mse = (latents[:1].cpu() - inv.z0).square().mean().item()
+        print(f"reconstruction (row 0, {inv.settings['method']}): latent MSE {mse:.3e}", file=sys.stderr)
     decoded = sampler.decode(sd, latents)
     check_finite(f"the sampled latents and images (guidance {record.guidance})", latents, decoded)
     shown = viz.to_pil(plan.photo.image, truncate=False)[0] if plan.photo is not None else None
-    if inv is not None:
-        photo.report_latents(inv, latents)
     return Result(record, latents, viz.to_pil(decoded), plan.edit, inv, shown, meta)
 
 
