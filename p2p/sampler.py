@@ -40,17 +40,6 @@ def guidance_halves(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return uncond, cond
 
 
-def check_size(height: int, width: int, steps: int, size_flag: str | None = None):
-    """For the boundaries (the run's prepare, the commands) before `generate`, which trusts its input.
-    `size_flag`: the one flag that gave both sides (`p2p invert --size`), for the message."""
-    if height % 8 or width % 8 or height < 8 or width < 8:
-        if size_flag is not None:
-            raise InputError(f"{size_flag} {height}: the size must be a positive multiple of 8")
-        raise InputError(f"width and height must be positive multiples of 8 (got {width}x{height})")
-    if not 1 <= steps <= ddim.TRAIN_STEPS:
-        raise InputError(f"steps must be between 1 and {ddim.TRAIN_STEPS} (got {steps})")
-
-
 @torch.no_grad()
 def generate(sd: StableDiffusion, prompts: list[str], seed: int = 0, steps: int = 50, guidance: float = 7.5,
              height: int = 512, width: int = 512, negative: str = "", edit=None, x_T=None, null_embeddings=None,
@@ -67,7 +56,7 @@ def generate(sd: StableDiffusion, prompts: list[str], seed: int = 0, steps: int 
     | sampler           | "ddim", or "plms" (the official notebook's): N + 1 UNet calls, the edit's |
     |                   | step counts calls 0..N                                                    |
 
-    The input is checked where it enters (p2p/experiment/record.py, the run's prepare, check_size):
+    The input is checked where it enters (p2p/experiment/record.py, the run's prepare):
     a sampler name, finite guidance, a size, and DDIM for an inverted photo.
     """
     b = len(prompts)

@@ -30,7 +30,7 @@ from models import InputError
 from . import metrics
 from ..experiment import grid, output, photo, record, run
 from ..experiment.grid import Cell, Job, Nets
-from .. import sampler, viz
+from .. import viz
 from .memory import PeakMemory
 from ..experiment.record import Experiment
 
@@ -185,7 +185,6 @@ def check_overrides(overrides: dict, methods: list[str], architecture):
             r = protocol(Item("", Path("photo.png"), "a cat", "a dog", "", 0, blended, ()), method, overrides, "--base")
             size = run.defaults(architecture, r.height, r.width)
             height, width = size["height"], size["width"]
-            sampler.check_size(height, width, r.steps)
             if height != width:
                 raise InputError(f"--base: photos are edited square, got width {width} and height {height}")
             photo.check_settings(method, r.steps, height)
