@@ -170,7 +170,10 @@ def test_ctrl_c_while_starting_is_one_line(delay, tiny_file, tmp_path):
     One landed inside torch's C start-up, whose numpy import swallowed it, until numpy came first."""
     process = subprocess.Popen([sys.executable, "-m", "p2p", "generate", "--weights", str(tiny_file),
                                 "--prompt", CAT, "--steps", "1000", "--height", "64", "--width", "64",
-                                "--out", str(tmp_path / "g.png")], stderr=subprocess.PIPE, text=True)
+                                "--out", str(tmp_path / "g.png")], stderr=subprocess.PIPE, text=True,
+                               # as a shell starts it: a suite run in the background (`pytest &`) has SIGINT
+                               # ignored, and a child would inherit that and never see the Ctrl-C
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(delay)
     process.send_signal(signal.SIGINT)
     err = process.communicate(timeout=120)[1]
