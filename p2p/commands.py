@@ -9,6 +9,7 @@ import json
 import sys
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 
 from models import InputError
@@ -16,6 +17,7 @@ from models.checkpoint import load
 from models.text import check_prompts, load_tokenizer
 
 from . import check_finite, edits, sampler, viz
+from .eval import metrics
 from .experiment import output, photo, record, run
 from .experiment.record import Experiment
 
@@ -180,7 +182,8 @@ def base_fields(items: list[str]) -> dict:
 
 
 def sweep(args):
-    from .experiment import grid, sweep as sweeps
+    from .eval import sweep as sweeps
+    from .experiment import grid
     spec = sweeps.read_spec(args.spec)
     overrides = base_fields(args.base)
     if args.report:
@@ -237,6 +240,16 @@ def sites(args):
 INVERSION = ("method", "inner_steps", "offsets", "steps", "guidance")   # the record fields invert takes
 
 
+def report(sd, inv: photo.Inversion, z0_rec: torch.Tensor):
+    """Print how far the reconstruction is from z0, and its PSNR against the VAE-only reconstruction."""
+    mse = (z0_rec[:1].cpu() - inv.z0).square().mean().item()
+    images = sampler.decode(sd, torch.cat([z0_rec[:1].cpu(), inv.z0]))     # [-1, 1], range 2
+    psnr = metrics.psnr((images[0] + 1) / 2, (images[1] + 1) / 2)                # to [0, 1]
+    print(f"reconstruction ({inv.settings['method']}, guidance {inv.settings['guidance']}): latent MSE {mse:.3e} "
+          f"(z0 mean square {inv.z0.square().mean().item():.3f}), PSNR {psnr:.1f} dB against the VAE-only "
+          f"reconstruction")
+
+
 def invert(args):
     model = architecture(args)
     values = {**{k: record.FIELDS[k].default for k in INVERSION}, **fields(args, INVERSION)}
@@ -256,7 +269,7 @@ def invert(args):
     inv = photo.invert(sd, image, want)
     check_finite(f"the inversion (guidance {values['guidance']})", inv.x_T, inv.z0, inv.null_embeddings,
                      inv.trajectory)
-    photo.report(sd, inv, photo.reconstruct(sd, inv))
+    report(sd, inv, photo.reconstruct(sd, inv))
     photo.save(args.out, inv, {"dtype": args.dtype, "device": str(sd.device)})
     wrote(args.out)
 

@@ -22,6 +22,14 @@ FONT_FILES = ("DejaVuSans.ttf", "NotoSans-Regular.ttf", "Arial.ttf", "arial.ttf"
 NO_GLYPH = "\uffff"  # a noncharacter: no font maps it, so it draws the font's missing-glyph box
 
 
+def as_tensor(image) -> torch.Tensor:
+    """to_pil's inverse, for measuring: a PIL image or an array [H, W, 3] of uint8 -> float64 [3, H, W] in [0, 1]; tensors pass."""
+    if isinstance(image, torch.Tensor):
+        return image.double()
+    pixels = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1).double() / 255
+
+
 def to_pil(images: torch.Tensor, truncate: bool = True) -> list[Image.Image]:
     """[b, 3, h, w] in [-1, 1], any dtype or device -> b PIL RGB images.
 

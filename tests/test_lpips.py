@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from models import InputError
 from p2p.eval.lpips import Lpips
-from p2p.eval.metrics import as_tensor
+from p2p.viz import as_tensor
 
 from conftest import GOLDEN
 

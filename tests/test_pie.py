@@ -120,14 +120,14 @@ def test_background_scores_mask_both_images_over_the_whole_image():
     b[:, 8:12, 8:12] = 1.0                         # inside the edit region: not counted
     mask = torch.zeros(16, 16, dtype=torch.bool)
     mask[8:12, 8:12] = True
-    inside = pie.score(a, b, mask, "x", grid.Nets())
+    inside = pie.score(a, b, mask, "x", metrics.Nets())
     assert inside["mse"] == 0 and inside["psnr"] == math.inf and inside["ssim"] == pytest.approx(1.0)
     b[:, 0, 0] = 0.0                               # one background pixel off by 0.5 in each channel
-    outside = pie.score(a, b, mask, "x", grid.Nets())
+    outside = pie.score(a, b, mask, "x", metrics.Nets())
     assert outside["mse"] == pytest.approx(0.25 / 256)           # over all 16 x 16 pixels, the masked ones too
     assert outside["psnr"] == pytest.approx(10 * math.log10(256 / 0.25))
     assert metrics.mse(a, b, mask) == pytest.approx(0.25 / 240)  # the sweep's region metric counts 240 pixels
-    everything = pie.score(a, b, torch.ones(16, 16, dtype=torch.bool), "x", grid.Nets())
+    everything = pie.score(a, b, torch.ones(16, 16, dtype=torch.bool), "x", metrics.Nets())
     assert all(math.isnan(everything[k]) for k in ("psnr", "mse", "ssim")) and "lpips" not in everything
 
 

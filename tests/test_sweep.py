@@ -7,8 +7,10 @@ from PIL import Image
 
 from models import InputError
 from models.checkpoint import load
+from p2p import viz
 from p2p.eval import metrics
-from p2p.experiment import grid, sweep
+from p2p.eval import sweep
+from p2p.experiment import grid
 from p2p.cli import main
 
 from conftest import ROOT
@@ -98,10 +100,10 @@ def test_a_sweep_resumes_where_it_was_stopped_and_its_summary_is_the_saved_image
     # every metric is what the saved images give, and summary.md is their mean per axis value
     for row in done.values():
         images = row["images"]
-        source = metrics.as_tensor(Image.open(out / images["source"]))
+        source = viz.as_tensor(Image.open(out / images["source"]))
         for target, region, m in zip(images["targets"], images["regions"], row["metrics"]):
-            mask = metrics.as_tensor(Image.open(out / region))[0] > 0.5 if region else None
-            assert m == metrics.pixel_metrics(source, metrics.as_tensor(Image.open(out / target)), mask)
+            mask = viz.as_tensor(Image.open(out / region))[0] > 0.5 if region else None
+            assert m == metrics.pixel_metrics(source, viz.as_tensor(Image.open(out / target)), mask)
             assert (region is not None) == (row["case"] == "cat")
     summary = (out / "summary.md").read_text()
     for axis, values in spec["axes"].items():
@@ -168,7 +170,7 @@ def test_clip_and_dino_metrics_join_when_their_weights_are_there(tiny_file, nets
                  "--dino", str(nets / metrics.DINO_FOLDER)])
     assert code == 0, capsys.readouterr().err
     rows = grid.read_results(tmp_path / "with")
-    net = grid.Nets(metrics.Clip.load(nets / metrics.CLIP_FOLDER), metrics.Dino.load(nets / metrics.DINO_FOLDER))
+    net = metrics.Nets(metrics.Clip.load(nets / metrics.CLIP_FOLDER), metrics.Dino.load(nets / metrics.DINO_FOLDER))
     for row in rows.values():
         record = sweep.record.from_json(row["record"])
         assert row["metrics"] == sweep.cell_metrics(tmp_path / "with", row["images"], record, net)
@@ -185,7 +187,7 @@ def test_edited_words_and_an_attention_region(tiny_file, tmp_path):
             "axes": {"seed": [0]}, "region": "attention", "region_threshold": 0.5}
     sweep.sweep(spec, grid.Job(tiny_file, tmp_path / "s", load_model=lambda: load(tiny_file)))
     (row,) = grid.read_results(tmp_path / "s").values()
-    region = metrics.as_tensor(Image.open(tmp_path / "s" / row["images"]["regions"][0]))[0] > 0.5
+    region = viz.as_tensor(Image.open(tmp_path / "s" / row["images"]["regions"][0]))[0] > 0.5
     assert 0 < region.float().mean() < 1 and "locality" in row["metrics"][0]
     with pytest.raises(InputError, match="spec.region: one of blend, attention, none"):
         sweep.cells({**spec, "region": "words"})

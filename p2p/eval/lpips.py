@@ -32,7 +32,7 @@ from torch import nn
 
 from models import InputError
 
-from .metrics import as_tensor
+from ..viz import as_tensor
 
 SHIFT, SCALE = (-.030, -.088, -.188), (.458, .448, .450)  # lpips' ScalingLayer
 SLICE_ENDS = (2, 5, 8, 10, 11, 12, 13)                  # lpips cuts features[0:2], [2:5], ..., [12:13]

@@ -1,7 +1,7 @@
 """How far an edit kept what it should, and how far it went: background preservation, edit
 locality, CLIP score and direction, DINO structure distance.
 
-Images are float tensors [3, H, W] in [0, 1] (`as_tensor` takes PIL images too); a region is a
+Images are float tensors [3, H, W] in [0, 1] (`viz.as_tensor` takes PIL images too); a region is a
 boolean mask [H, W], True inside the edit region. The background is everything outside it.
 With no region, the whole image is the background; a region that leaves no background gives
 nan for the background metrics.
@@ -17,9 +17,9 @@ nan for the background metrics.
 """
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import transformers
@@ -30,17 +30,11 @@ from models import InputError
 from models.text import TOKENIZER_DIR, load_tokenizer
 
 from .. import align, viz
+from ..viz import as_tensor
+from .lpips import Lpips
 
 WINDOW, SIGMA = 11, 1.5          # Wang et al. (2004)
 K1, K2 = 0.01, 0.03
-
-
-def as_tensor(image) -> torch.Tensor:
-    """A PIL image or an array [H, W, 3] of uint8 -> float64 [3, H, W] in [0, 1]; tensors pass."""
-    if isinstance(image, torch.Tensor):
-        return image.double()
-    pixels = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
-    return torch.from_numpy(pixels.copy()).permute(2, 0, 1).double() / 255
 
 
 def as_pil(image) -> Image.Image:
@@ -274,3 +268,23 @@ class Dino:
         """The structure distance; pie=True preprocesses as PIE-Bench does (see pixels)."""
         return (self.self_similarity(a, pie) - self.self_similarity(b, pie)).square().mean().item()
 
+
+# ---- the networks, for the grids of cells ---------------------------------------------------
+
+@dataclass(frozen=True)
+class Nets:
+    """The networks of the metrics that need one; None where not asked for or absent."""
+    clip: Clip | None = None
+    dino: Dino | None = None
+    lpips: Lpips | None = None
+
+    @classmethod
+    def load(cls, clip: Path | None = None, dino: Path | None = None, lpips: Path | None = None) -> "Nets":
+        """Each network from its path, skipped with a note where its weights are absent."""
+        return cls(clip and Clip.load(clip), dino and Dino.load(dino), lpips and Lpips.load(lpips))
+
+
+def load_png(path: Path) -> torch.Tensor:
+    """A saved image as the metrics take it: [3, H, W] in [0, 1]."""
+    with Image.open(path) as image:
+        return as_tensor(image)

@@ -29,7 +29,8 @@ from models import InputError
 
 from . import metrics
 from ..experiment import grid, output, photo, record, run
-from ..experiment.grid import Cell, Job, Nets
+from ..experiment.grid import Cell, Job
+from .metrics import Nets
 from .. import viz
 from .memory import PeakMemory
 from ..experiment.record import Experiment
@@ -147,7 +148,7 @@ def score(photo, edited, mask: torch.Tensor, target: str, nets: Nets) -> dict[st
     edited). The background metrics compare both images times (1 - mask) over the whole image, so
     the masked pixels count as equal zeros (PIE-Bench's definition, not metrics.mse's region);
     they are nan when the mask covers everything. CLIP edited scores the target times the mask."""
-    a, b = metrics.as_tensor(photo), metrics.as_tensor(edited)
+    a, b = viz.as_tensor(photo), viz.as_tensor(edited)
     keep = (~mask).double()
     out = {}
     if nets.dino is not None:
@@ -232,8 +233,8 @@ def run_cell(sd, cell: Cell, item: Item, job: Job, nets: Nets) -> dict:
     r = plan.record
     names = {"photo": grid.tile(cell, "photo"), "reconstruction": grid.tile(cell, "source"),
              "edit": grid.tile(cell, "target0")}
-    edited = grid.load_png(job.out / names["edit"])
-    scores = score(grid.load_png(job.out / names["photo"]), edited, mask_at(item, r.height), r.targets[0], nets)
+    edited = metrics.load_png(job.out / names["edit"])
+    scores = score(metrics.load_png(job.out / names["photo"]), edited, mask_at(item, r.height), r.targets[0], nets)
     return {"key": cell.key, "index": cell.index, "id": item.id, "type": item.type, "method": r.method,
             "record": r.to_json(), "images": names, "metrics": scores, "seconds": seconds, "peak_mib": memory.mib}
 
@@ -275,7 +276,8 @@ def bench(data: Path, job: Job, methods: list[str], types: list[int] | None = No
     by_id = {item.id: item for item in items}
     what = (f"pie: {len({c.case for c in every})} photos x {len(methods)} methods ({len(skipped)} photos skipped), "
             f"{len(every)} cells")
-    grid.run_cells(every, job, what, lambda sd, cell, nets: run_cell(sd, cell, by_id[cell.case], job, nets))
+    grid.run_cells(every, job, what, lambda sd, cell, nets: run_cell(sd, cell, by_id[cell.case], job, nets),
+                   lambda: Nets.load(job.clip, job.dino, job.lpips))
     return report(every, skipped, methods, job.out)
 
 

@@ -3,7 +3,7 @@
 shard: --shard K/N, torchrun's RANK/WORLD_SIZE or a SLURM array's variables); the results files it
 appends each finished cell to and resumes from, its lock on its shard while it runs; the metrics'
 networks; and the tables' figures, written whole or not at all.
-p2p/experiment/sweep.py and p2p/eval/pie.py each make their cells, run one, and tabulate the results.
+p2p/eval/sweep.py and p2p/eval/pie.py each make their cells, run one, and tabulate the results.
 """
 import contextlib
 import fcntl
@@ -21,15 +21,11 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-import torch
-from PIL import Image
 from tqdm import tqdm
 
 from models import InputError
 from models.checkpoint import StableDiffusion, load
 
-from ..eval import metrics
-from ..eval.lpips import Lpips
 from . import run
 from .record import Experiment
 
@@ -226,32 +222,12 @@ def lock_count(name: str) -> int:
 
 # ---- running the cells ----------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Nets:
-    """The networks of the metrics that need one; None where not asked for or absent."""
-    clip: metrics.Clip | None = None
-    dino: metrics.Dino | None = None
-    lpips: Lpips | None = None
-
-    @classmethod
-    def load(cls, job: Job) -> "Nets":
-        """Each network from its path in the job, skipped with a note where its weights are absent."""
-        return cls(job.clip and metrics.Clip.load(job.clip), job.dino and metrics.Dino.load(job.dino),
-                   job.lpips and Lpips.load(job.lpips))
-
-
-def load_png(path: Path) -> torch.Tensor:
-    """A saved image as the metrics take it: [3, H, W] in [0, 1]."""
-    with Image.open(path) as image:
-        return metrics.as_tensor(image)
-
-
-def run_cells(every: list[Cell], job: Job, what: str, run_cell: Callable[[StableDiffusion, Cell, Nets], dict],
-              inversions: bool = False):
+def run_cells(every: list[Cell], job: Job, what: str, run_cell: Callable[[StableDiffusion, Cell, object], dict],
+              load_nets: Callable[[], object], inversions: bool = False):
     """Run this shard's unfinished cells in job.out, appending each one's results row as it finishes:
     the folder made (with inversions/), the shard's lock held, the model and the metrics' networks
-    loaded only if a cell is left. `what` begins the line that says how many; `run_cell(sd, cell,
-    nets)` runs one and returns its row."""
+    loaded only if a cell is left (`load_nets()`: the metrics' networks). `what` begins the line that
+    says how many; `run_cell(sd, cell, nets)` runs one and returns its row."""
     make_folder(job.out, inversions)
     k, n = job.shard
     with hold(job.out, job.shard):
@@ -261,7 +237,7 @@ def run_cells(every: list[Cell], job: Job, what: str, run_cell: Callable[[Stable
         print(f"{what}, {len(mine)} in shard {k}/{n}, {len(todo)} to run", file=sys.stderr)
         if not todo:
             return
-        sd, nets, path = job.load_model(), Nets.load(job), results_file(job.out, job.shard)
+        sd, nets, path = job.load_model(), load_nets(), results_file(job.out, job.shard)
         for cell in tqdm(todo, desc="cells", file=sys.stderr):
             append(path, run_cell(sd, cell, nets))
         print(f"wrote {path} (+{len(todo)} cells) and their images in {job.out / 'cells'}", file=sys.stderr)

@@ -26,7 +26,6 @@ from safetensors import SafetensorError, safe_open
 from models import InputError
 
 from .. import check_finite, inversion, sampler
-from ..eval import metrics
 from .output import save_tensors
 
 MIN_SIZE = 64          # 8x8 latents: the UNet's three stride-2 convs take them down to 1x1
@@ -177,16 +176,6 @@ def reconstruct(sd, inv: Inversion) -> torch.Tensor:
     size, s = int(inv.settings["size"].split("x")[0]), inv.settings
     return sampler.generate(sd, [s["prompt"]], steps=int(s["steps"]), guidance=float(s["guidance"]),
                             height=size, width=size, **inv.start())
-
-
-def report(sd, inv: Inversion, z0_rec: torch.Tensor):
-    """Print how far the reconstruction is from z0, and its PSNR against the VAE-only reconstruction."""
-    mse = (z0_rec[:1].cpu() - inv.z0).square().mean().item()
-    images = sampler.decode(sd, torch.cat([z0_rec[:1].cpu(), inv.z0]))     # [-1, 1], range 2
-    psnr = metrics.psnr((images[0] + 1) / 2, (images[1] + 1) / 2)                # to [0, 1]
-    print(f"reconstruction ({inv.settings['method']}, guidance {inv.settings['guidance']}): latent MSE {mse:.3e} "
-          f"(z0 mean square {inv.z0.square().mean().item():.3f}), PSNR {psnr:.1f} dB against the VAE-only "
-          f"reconstruction")
 
 
 # ---- the photo of an edit -----------------------------------------------------------------

@@ -40,11 +40,12 @@ from PIL import Image
 
 from models import InputError
 
-from ..eval import metrics
-from . import grid, output, record, run
 from .. import viz
-from .grid import Cell, Job, Nets
-from .record import Experiment
+from ..experiment import grid, output, record, run
+from ..experiment.grid import Cell, Job
+from ..experiment.record import Experiment
+from . import metrics
+from .metrics import Nets
 
 METRICS = ("mse", "psnr", "ssim", "locality", "clip_score", "clip_direction", "structure")
 REGIONS = ("blend", "attention", "none")
@@ -185,11 +186,11 @@ def cells(spec: dict, overrides: dict | None = None) -> list[Cell]:
 
 def cell_metrics(out: Path, images: dict, r: Experiment, nets: Nets = Nets()) -> list[dict]:
     """The metrics of each target of a cell, from its saved images (as a rerun of them would)."""
-    source = grid.load_png(out / images["source"])
+    source = metrics.load_png(out / images["source"])
     rows = []
     for target_text, target, region in zip(r.targets, images["targets"], images["regions"]):
-        mask = grid.load_png(out / region)[0] > 0.5 if region else None
-        edited = grid.load_png(out / target)
+        mask = metrics.load_png(out / region)[0] > 0.5 if region else None
+        edited = metrics.load_png(out / target)
         row = metrics.pixel_metrics(source, edited, mask)
         if nets.clip is not None:
             row |= nets.clip.measure(source, edited, r.source, target_text)
@@ -336,6 +337,6 @@ def sweep(spec: dict, job: Job, overrides: dict | None = None) -> list[Cell]:
     region, threshold = spec.get("region", "blend"), spec.get("region_threshold", 0.3)
     grid.run_cells(every, job, f"sweep: {len(every)} cells",
                    lambda sd, cell, nets: run_cell(sd, cell, job, nets, region, threshold),
-                   inversions=any(c.record.image for c in every))
+                   lambda: Nets.load(job.clip, job.dino), inversions=any(c.record.image for c in every))
     report(spec, every, job.out)
     return every
