@@ -15,16 +15,23 @@ The export writes float16 weights in both layouts, DIR/baby.safetensors (LDM sin
 DIR/baby-diffusers/, with the model card DIR/README.md and DIR/loss.png.
 
 Why these sizes. p2p samples latents of height // 8 (p2p/sampler.py), so the VAE keeps SD's four
-levels (f8): 64 px images, 8x8 latents. The UNet has three levels, 8x8, 4x4, 2x2, cross-attention
-at the first two; 8 heads and 32 GroupNorm groups everywhere, as SD v1 and the single-file
-loader assume. The text tower is 64 wide (one 64-wide head), 2 layers: its 49408-token table is
-3.2M of its 3.3M parameters. Both layouts in float16 come to about 26 MB.
+levels (f8): 64 px images, 8x8 latents; one res block per level (32, 32, 64, 64 wide), trained on
+32 px crops (see crops). The UNet has three levels, 8x8, 4x4, 2x2, cross-attention at the first
+two; 8 heads and 32 GroupNorm groups everywhere, as SD v1 and the single-file loader assume. The
+text tower is 64 wide (one 64-wide head), 2 layers: its 49408-token table is 3.2M of its 3.3M
+parameters. Both layouts in float16 come to about 28 MB.
 
-Measured (OMP_NUM_THREADS=2, this 2-core machine, load below 2.5, batch 64, 64 px; see the
-report of the session that wrote this; other work shared the machine):
-    VAE step   ~0.92 s  (forward + backward + AdamW, batch 64)
-    UNet step  ~1.45 s  (text tower + UNet, the VAE encoder without gradients, data included)
-Defaults: 1,000 VAE steps (~15 min) + 2,000 UNet steps (~48 min) = ~65 min, plus export.
+Measured on this 2-core machine, shared with other work (load average 3.4-4.1 at every run; the
+brief asked for below 2.5), a few steps after one warm-up step, data and tokenising included:
+
+    phase  batch  OMP_NUM_THREADS=1           OMP_NUM_THREADS=2
+    VAE    16     0.31 s/step (19 ms/sample)  5.1-5.8 s/step: two threads on a busy machine wait
+    UNet   32     0.83 s/step (26 ms/sample)     on each other (on a quiet one, unmeasured, two
+    UNet   64     1.43 s/step (22 ms/sample)     should beat one)
+
+Defaults, at the one-thread figures: 3,000 VAE steps x 0.31 s = 15.5 min, plus 2,000 UNet steps
+x 1.43 s = 47.7 min: ~63 min, plus checkpoints (~0.3 s per save, every 100 steps) and the export.
+With load above the core count, run with OMP_NUM_THREADS=1.
 """
 import argparse
 import dataclasses
@@ -69,7 +76,7 @@ PHASES = ("vae", "unet")
 @dataclass(frozen=True)
 class Plan:
     """One training run; stored in its checkpoint. A resumed run may change the step counts only."""
-    vae_steps: int = 1000
+    vae_steps: int = 3000
     unet_steps: int = 2000
     batch: int = 64                # of the UNet phase
     vae_batch: int = 16            # of the VAE phase: its full-resolution convs cost ~8x a UNet sample
@@ -187,8 +194,17 @@ def resumed(plan: Plan, stored: Plan) -> Plan:
 
 # ---- one step of each phase -----------------------------------------------------------------
 
+def crops(run: Run, images: torch.Tensor) -> torch.Tensor:
+    """A random half-side crop of each image, on the latent grid: the autoencoder is convolutional, so
+    it trains on crops (as SD's trained at 256 px for 512) at a quarter of the cost."""
+    side, b = images.shape[-1] // 2, images.shape[0]
+    at = (8 * torch.randint(0, side // 8 + 1, (b, 2), generator=run.gen, device=run.device)).tolist()
+    return torch.stack([im[:, i:i + side, j:j + side] for im, (i, j) in zip(images, at)])
+
+
 def vae_step(run: Run, images: torch.Tensor) -> torch.Tensor:
     """L1 reconstruction of a posterior sample, plus kl_weight times KL(q(z|x) || N(0, 1))."""
+    images = crops(run, images)
     mean, logvar = run.vae.posterior(images)
     z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=run.gen, device=run.device)
     rec = run.vae.decoder(run.vae.post_quant_conv(z))
