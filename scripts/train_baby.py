@@ -440,8 +440,9 @@ def main(argv=None) -> int:
             for p in export(args.out):
                 print(f"wrote {p}, native size {load(p, 'meta').native_size} px")
             return 0
-        if args.size % 32 or min(args.batch, args.vae_batch, args.vae_steps + 1, args.unet_steps + 1, args.save_every) < 1:
-            raise InputError("--size a multiple of 32, batches and --save-every at least 1, step counts at least 0")
+        counts = (args.batch, args.vae_batch, args.vae_steps + 1, args.unet_steps + 1, args.save_every, args.log_every)
+        if args.size % 32 or min(counts) < 1:
+            raise InputError("--size a multiple of 32, batches, --save-every and --log-every at least 1, step counts at least 0")
         plan = Plan(vae_steps=args.vae_steps, unet_steps=args.unet_steps, batch=args.batch, vae_batch=args.vae_batch,
                     size=args.size, seed=args.seed)
         run = train(args.out, plan, args.device, args.resume, args.save_every, args.log_every)
