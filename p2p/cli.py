@@ -7,7 +7,9 @@ one line. Bad input is one line on stderr and exit status 2.
 import argparse
 import dataclasses
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from models import DTYPES, PREDICTIONS
@@ -263,22 +265,46 @@ def parse(argv=None) -> argparse.Namespace:
     return parser().parse_args(argv)
 
 
+def imports(interrupted: list):
+    """torch, the models and the commands, loaded after parsing. A C extension's import can lose a
+    Ctrl-C (torch's start-up clears the error of the numpy import it makes) or turn it into an
+    ImportError (numpy's, when it lands in numpy's own); `interrupted` says one came all the same."""
+    try:
+        import numpy  # noqa: F401
+        import torch  # noqa: F401
+
+        from . import commands
+    except ImportError:
+        if interrupted:
+            raise KeyboardInterrupt from None
+        raise
+    if interrupted:
+        raise KeyboardInterrupt
+    return commands
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     name = f"p2p {argv[0]}" if argv and not argv[0].startswith("-") else "p2p"   # for a Ctrl-C while parsing
+    interrupted = []
+
+    def on_interrupt(signum, frame):   # Python's own handler, noting that it ran
+        interrupted.append(signum)
+        raise KeyboardInterrupt
+
+    # (only in the main thread, and not where SIGINT is ignored or another handler is set)
+    ours = signal.getsignal(signal.SIGINT) is signal.default_int_handler and \
+        threading.current_thread() is threading.main_thread()
+    if ours:
+        signal.signal(signal.SIGINT, on_interrupt)
     try:
         try:
             args = parse(argv)
         except SystemExit as e:   # --help, or a usage error already printed in one line
             return e.code or 0
-        # torch and the models load here, after parsing, inside the Ctrl-C and error handling.
-        # numpy first: torch's C start-up imports it and clears any error that import raises,
-        # so a Ctrl-C landing there would be lost (the run would go on to the end).
-        import numpy  # noqa: F401
+        commands = imports(interrupted)
         import torch
         from models import InputError
-
-        from . import commands
         run = {"generate": commands.generate, "edit": commands.edit, "invert": commands.invert,
                "maps": commands.maps, "sites": commands.sites, "sweep": commands.sweep, "bench": commands.bench,
                "download": commands.download}[args.command]
@@ -297,4 +323,7 @@ def main(argv=None) -> int:
     except BrokenPipeError:   # `p2p sites | head`: the reader has gone, so there is no one to tell
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # nor a flush at exit to fail
         return 0
+    finally:
+        if ours:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
     return 0
