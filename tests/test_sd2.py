@@ -308,12 +308,17 @@ def test_fields_left_to_the_model_follow_its_native_size(tiny_folder, tmp_path):
     from types import SimpleNamespace
     from models.checkpoint import load
     from p2p.experiment import record, run
-    assert run.defaults(SimpleNamespace(native_size=768), None, 640) == {
-        "height": 768, "width": 640, "blend_res": 20, "self_max_tokens": 480}
-    assert run.defaults(SimpleNamespace(native_size=768), 256, 256) == {
-        "height": 256, "width": 256, "blend_res": 8, "self_max_tokens": 64}
-    assert run.defaults(SimpleNamespace(native_size=512), 256, None) == {   # SD v1 keeps the paper's 16 and 256
+    from models.unet import UNet
+    with torch.device("meta"):
+        sd_unet = UNet()   # SD's: cross-attention at latents / 1, 2, 4
+    sd = lambda native: SimpleNamespace(native_size=native, unet=sd_unet)  # noqa: E731
+    assert run.defaults(sd(768), None, 640) == {"height": 768, "width": 640, "blend_res": 20, "self_max_tokens": 480}
+    assert run.defaults(sd(768), 256, 256) == {"height": 256, "width": 256, "blend_res": 8, "self_max_tokens": 64}
+    assert run.defaults(sd(512), 256, None) == {   # SD v1 keeps the paper's 16 and 256
         "height": 256, "width": 512, "blend_res": 16, "self_max_tokens": 256}
+    # where no layer has maps at 1/32 of the side, the nearest finer side that has: at 72 px the
+    # latents are 9, the maps 9, 5 and 3 (the 1/32 rule said 2, which the blend would then refuse)
+    assert run.defaults(sd(768), 72, 72) == {"height": 72, "width": 72, "blend_res": 3, "self_max_tokens": 9}
     native_768 = tmp_path / "w768"
     shutil.copytree(tiny_folder, native_768)
     config = native_768 / "unet" / "config.json"

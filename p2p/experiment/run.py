@@ -69,8 +69,11 @@ def defaults(model: StableDiffusion, height: int | None = None, width: int | Non
     h, w = height or model.native_size, width or model.native_size
     if model.native_size == 512:
         return {"height": h, "width": w, "blend_res": 16, "self_max_tokens": 256}
-    side = max(1, min(h, w) // 32)   # at least 1 below 32 px, so no default is refused as 0
-    return {"height": h, "width": w, "blend_res": side, "self_max_tokens": (h // 32) * (w // 32)}
+    # 1/32 of the side, or the nearest finer side that has down/up cross-attention maps (the baby
+    # model's 64 px attend at 8 and 4 only: 4 then, with 4 x 4 keys)
+    maps = sorted({s.res for s in model.unet.sites(h // 8, w // 8) if s.is_cross and s.place != "mid"}, key=min)
+    res = next((r for r in maps if min(r) >= min(h, w) // 32), maps[-1] if maps else (h // 32, w // 32))
+    return {"height": h, "width": w, "blend_res": max(1, min(res)), "self_max_tokens": res[0] * res[1]}
 
 
 def about(model: StableDiffusion, software: str) -> dict[str, str]:
