@@ -161,3 +161,26 @@ def test_the_script_writes_a_set_and_refuses_in_one_line(tmp_path, capsys):
     assert main(["--out", str(tmp_path / "s"), "--count", "2", "--seed", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("world_pie: error:") and err.count("\n") == 1
+
+
+def test_colour_masks_find_each_object_by_its_colour():
+    """Inside every object its colour's mask is its mask, and that colour is nowhere away from the
+    objects: what may differ is the antialiased rim."""
+    def grow(m):
+        out = m.copy()
+        out[1:] |= m[:-1]
+        out[:-1] |= m[1:]
+        out[:, 1:] |= m[:, :-1]
+        out[:, :-1] |= m[:, 1:]
+        return out
+
+    for index in range(20):
+        s = world.scene(3, index, 64)
+        image, masks = world.render(s)
+        found = world.colour_masks(image)
+        assert sum(m.astype(int) for m in found.values()).max() == 1      # each pixel one colour
+        near = grow(grow(np.logical_or.reduce(masks)))   # (a triangle's tip shades two pixels out)
+        assert found[s.background][~near].all()
+        for thing, mask in zip(s.objects, masks):
+            assert found[thing.colour][~grow(~mask)].all()                 # the object less its rim
+            assert not (found[thing.colour] & ~near).any()

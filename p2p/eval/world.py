@@ -135,6 +135,16 @@ def render(scene: Scene, size: int | None = None) -> tuple[Image.Image, list[np.
     return image.reduce(SUPERSAMPLE), masks
 
 
+def colour_masks(image) -> dict[str, np.ndarray]:
+    """Each palette colour's pixels in an image: every pixel goes to its nearest palette colour.
+    A generated image's objects are found this way (each colour names at most one object), so
+    its ground truth is read off its own pixels; an antialiased edge may go to a third colour."""
+    pixels = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image).astype(float)
+    palette = np.array(list(PALETTE.values()), dtype=float)
+    nearest = ((pixels[..., None, :] - palette) ** 2).sum(-1).argmin(-1)
+    return {name: nearest == i for i, name in enumerate(PALETTE)}
+
+
 def read_colour(image, mask: np.ndarray) -> str:
     """The palette colour nearest the median pixel inside `mask` (the median ignores blended edges)."""
     pixels = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)[mask]
