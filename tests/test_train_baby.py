@@ -4,10 +4,12 @@ import dataclasses
 
 import pytest
 import torch
+from PIL import Image
 
 from models.checkpoint import load
 from models.unet import UNetConfig
 from models.vae import VAEConfig
+from p2p import viz
 from p2p.cli import main as p2p_main
 from tests.conftest import script
 
@@ -63,6 +65,7 @@ def test_export_loads_in_both_layouts_alike(unbroken, capsys):
     ids = a.text.tokenize(["a red circle"])
     assert torch.equal(a.text.model(input_ids=ids).last_hidden_state, b.text.model(input_ids=ids).last_hidden_state)
     assert (unbroken / "README.md").read_text().count("data seed 0") == 1 and (unbroken / "loss.png").stat().st_size
+    assert Image.open(unbroken / "samples.png").size[0] == 4 * 2 * TINY.size + 3 * viz.GAP   # 4 a row, twice their size
     assert p2p_main(["generate", "--weights", str(folder), "--prompt", "a red circle", "--height", "32", "--width",
                      "32", "--steps", "2", "--out", str(unbroken / "x.png")]) == 0
 
