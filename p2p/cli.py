@@ -12,7 +12,7 @@ import sys
 import threading
 from pathlib import Path
 
-from models import DTYPES, PREDICTIONS
+from models import BABY, DTYPES, PREDICTIONS
 
 from .experiment import record
 
@@ -129,8 +129,9 @@ def add_fields(p: argparse.ArgumentParser, fields):
 # ---- the parser ------------------------------------------------------------------------
 
 def add_model_args(p: argparse.ArgumentParser):
-    p.add_argument("--weights", type=path, required=True, help="SD v1 or 2.x checkpoint: a .safetensors file "
-                   "(LDM layout) or a diffusers-layout folder (get one with `p2p download`)")
+    p.add_argument("--weights", type=path, help="SD v1 or 2.x checkpoint: a .safetensors file (LDM layout) or a "
+                   "diffusers-layout folder (get one with `p2p download`); default: the baby model of "
+                   "weights/baby/ (scripts/train_baby.py), 64 px, coloured shapes only")
     p.add_argument("--device", choices=["cpu", "cuda", "mps"], help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and activations (default "
                    "float32; on a CPU, bfloat16 is the fast half precision, float16 is very slow)")
@@ -200,7 +201,8 @@ def parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("sweep", help="a grid of edits from a JSON spec: results, tables, contact sheets")
     p.add_argument("spec", type=Path, help="the sweep spec: base record, cases, axes (see the README's Ablations)")
-    p.add_argument("--weights", type=Path, help="SD v1 or 2.x checkpoint (not needed with --report)")
+    p.add_argument("--weights", type=Path, help="SD v1 or 2.x checkpoint (default: the baby model; not read with "
+                   "--report)")
     p.add_argument("--device", choices=["cpu", "cuda", "mps"], help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and activations (default float32)")
     add_prediction_arg(p)
@@ -247,7 +249,8 @@ def parser() -> argparse.ArgumentParser:
                    "weights/lpips-squeeze.safetensors; skipped if absent)")
 
     p = commands.add_parser("sites", help="list every attention layer: call order, name, place, map size")
-    p.add_argument("--weights", type=path, required=True, help="SD v1 or 2.x checkpoint (only its headers are read)")
+    p.add_argument("--weights", type=path, help="SD v1 or 2.x checkpoint (only its headers are read; default: "
+                   "the baby model)")
     add_prediction_arg(p)
     add_fields(p, ("height", "width"))
 
@@ -283,6 +286,17 @@ def imports(interrupted: list):
     return commands
 
 
+def baby() -> Path:
+    """The default model, said once on stderr: p2p runs on a fresh clone with no download."""
+    from models import InputError
+    if not (BABY / "unet").is_dir():
+        raise InputError(f"no --weights given, and no baby model at {BABY}: give --weights, or train the baby "
+                         "with `python scripts/train_baby.py --out weights/baby`")
+    print(f"using the baby model {BABY.relative_to(BABY.parents[2])} (64 px, shapes only); --weights for Stable "
+          "Diffusion", file=sys.stderr)
+    return BABY
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     name = f"p2p {argv[0]}" if argv and not argv[0].startswith("-") else "p2p"   # for a Ctrl-C while parsing
@@ -309,6 +323,8 @@ def main(argv=None) -> int:
                "maps": commands.maps, "sites": commands.sites, "sweep": commands.sweep, "bench": commands.bench,
                "download": commands.download}[args.command]
         try:
+            if getattr(args, "weights", BABY) is None and not getattr(args, "report", False):
+                args.weights = baby()
             run(args)
         except InputError as e:
             print(f"p2p {args.command}: error: {e}", file=sys.stderr)

@@ -112,15 +112,14 @@ def test_bad_weights(case, tiny_file, tmp_path, capsys):
     (["--steps", "1001"], "--steps: must lie in 1..1000, got 1001"),
     (["--prompt", " ".join(["cat"] * 80)], "prompt has 80 tokens, at most 75 fit"),
     (["--negative", " ".join(["dog"] * 76)], "prompt has 76 tokens"),
-    (["--no-weights"], "the following arguments are required: --weights"),
     (["--out-dir-missing"], "output directory does not exist"),
 ])
 def test_bad_arguments(argv, words, tiny_file, tmp_path, capsys):
     out = tmp_path / "x.png"
-    weights = [] if argv == ["--no-weights"] else ["--weights", tiny_file]
+    weights = ["--weights", tiny_file]
     if argv == ["--out-dir-missing"]:
         out = tmp_path / "missing" / "x.png"
-    args = [a for a in argv if not a.startswith("--no-weights") and a != "--out-dir-missing"]
+    args = [a for a in argv if a != "--out-dir-missing"]
     sizes = {"--steps": "3", "--height": "64", "--width": "64"}
     sizes = [x for flag, value in sizes.items() if flag not in args for x in (flag, value)]
     code, err = run(capsys, "generate", *weights, "--prompt", "a cat", *sizes, *args, "--out", out)
